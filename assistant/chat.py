@@ -1,0 +1,390 @@
+"""Chat generation: prompt building, continuous batched streaming, adapter pinning.
+
+What it is: `Engine`, a single background thread that owns the model. Requests
+from any number of UI sessions are tokenised in the caller's thread, queued, and
+joined into one running batch between decode steps (continuous batching over a
+left-padded KV cache). Each new token is pushed to that request's `Stream`, which
+the caller iterates for text deltas.
+
+Because only the engine thread ever touches the model, the thread itself is the
+generation/swap lock: `Engine.call(fn)` runs `fn(policy)` between two decode
+steps, which is where adapters are loaded and switched. Every request is pinned to
+the adapter version current when it was submitted; rows of different versions
+share a batch through peft's per-row `adapter_names`, so an in-flight reply always
+finishes on the adapter it started with.
+
+What it is not: a web server or a store. It knows nothing of Gradio or SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from assistant.config import BASE_VERSION
+from assistant.model import Policy
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the configured limit allows."""
+
+
+class PromptTooLong(ValueError):
+    """The conversation plus the reply budget exceeds the model's context."""
+
+
+@dataclass(frozen=True)
+class GenParams:
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+
+    def validate(self) -> None:
+        if not 0 <= self.temperature <= 5:
+            raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 1 <= self.max_new_tokens <= 8192:
+            raise ValueError(f"max_new_tokens must be in 1..8192, got {self.max_new_tokens}")
+
+
+@dataclass
+class Reply:
+    """The finished reply and what it cost."""
+
+    text: str
+    adapter_version: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    latency_ms: float
+    finish_reason: str  # eos | length | stopped
+
+
+class Stream:
+    """One reply being generated. Iterate it for text deltas; `.reply` is set at the end."""
+
+    def __init__(self, prompt_ids: list[int], params: GenParams, version: str):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.version = version
+        self.reply: Reply | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this reply after the current step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def text(self) -> str:
+        """Block until the reply is finished and return it whole."""
+        for _ in self:
+            pass
+        return self.reply.text
+
+
+@dataclass
+class _Row:
+    """Engine-side state of one request in the running batch."""
+
+    stream: Stream
+    pos: int  # tokens in the sequence so far (prompt + generated, excluding next_token)
+    next_token: int = -1
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    first_token_at: float | None = None
+
+
+def build_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` in the model's chat template, ready for the reply."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row. logits (B, V); temperature, top_p (B,). Rows with
+    temperature 0 take the argmax. Returns (B,) token ids."""
+    greedy = logits.argmax(-1)
+    temp = temperature.clamp_min(1e-5).unsqueeze(-1)  # (B, 1)
+    probs = torch.softmax(logits.float() / temp, dim=-1)  # (B, V)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_probs.cumsum(-1)
+    drop = (cum - sorted_probs) > top_p.unsqueeze(-1)  # keep the smallest prefix reaching top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_probs, 1).squeeze(-1)  # (B,)
+    sampled = order.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+class Engine:
+    """Continuous-batching generator that owns the policy on one thread."""
+
+    def __init__(self, policy: Policy, max_batch: int = 8, max_queue: int = 64):
+        self.policy = policy
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        tok = policy.tokenizer
+        eos = policy.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tok.eos_token_id is not None:
+            eos_ids.add(tok.eos_token_id)
+        self.eos_ids = eos_ids
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos_ids))
+        self.max_positions = getattr(policy.model.config, "max_position_embeddings", None) or 2048
+        self._waiting: queue.Queue = queue.Queue()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # (B, T) 1 for real tokens, 0 for left padding
+        self._thread = threading.Thread(target=self._loop, name="generation", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ callers
+    def submit(self, messages: list[dict], params: GenParams, version: str | None = None) -> Stream:
+        """Queue a reply to `messages`; raises PromptTooLong or QueueFull at once."""
+        params.validate()
+        ids = build_prompt(self.policy.tokenizer, messages)
+        if len(ids) + params.max_new_tokens > self.max_positions:
+            raise PromptTooLong(
+                f"the conversation is {len(ids)} tokens and the reply may take {params.max_new_tokens}; "
+                f"the model's context is {self.max_positions}. Clear the chat or lower max new tokens."
+            )
+        if self._waiting.qsize() >= self.max_queue:
+            raise QueueFull(f"the server is busy ({self.max_queue} replies waiting); try again in a moment")
+        stream = Stream(ids, params, version or self.policy.current)
+        self._waiting.put(stream)
+        self._wake.set()
+        return stream
+
+    def call(self, fn) -> Future:
+        """Run `fn(policy)` on the engine thread between decode steps."""
+        fut: Future = Future()
+        self._jobs.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    def active_versions(self) -> set[str]:
+        """Adapter versions that running or queued replies are pinned to."""
+        with self._waiting.mutex:
+            queued = [s.version for s in self._waiting.queue]
+        return {r.stream.version for r in list(self._rows)} | set(queued)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._run_jobs()
+            admitted = self._admit()
+            if not self._rows and not admitted:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                with torch.inference_mode():
+                    if admitted:
+                        self._prefill(admitted)
+                    self._emit_and_retire()
+                    if self._rows:
+                        self._decode_step()
+            except Exception as exc:  # a failed step must not take the server down
+                log.exception("generation step failed; failing %d in-flight replies", len(self._rows))
+                for row in self._rows:
+                    row.stream._queue.put(RuntimeError(f"generation failed: {exc}"))
+                self._rows, self._cache, self._mask = [], None, None
+
+    def _run_jobs(self) -> None:
+        while True:
+            try:
+                fn, fut = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.policy))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+    def _admit(self) -> list[_Row]:
+        rows = []
+        while len(self._rows) + len(rows) < self.max_batch:
+            try:
+                stream = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if stream.cancelled:
+                self._finish(_Row(stream, pos=len(stream.prompt_ids)), "stopped")
+                continue
+            rows.append(_Row(stream, pos=len(stream.prompt_ids)))
+        return rows
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, versions: list[str]):
+        """One forward pass with each row on its own adapter version."""
+        model = self.policy.model
+        kwargs = {}
+        unique = set(versions)
+        if unique == {BASE_VERSION}:
+            ctx = model.disable_adapter()
+        elif len(unique) == 1:
+            model.set_adapter(self.policy.loaded[versions[0]])
+            ctx = nullcontext()
+        else:
+            ctx = nullcontext()
+            kwargs["adapter_names"] = ["__base__" if v == BASE_VERSION else self.policy.loaded[v] for v in versions]
+        with ctx:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            )
+        return out.logits[:, -1, :]  # (B, V)
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        device = self.policy.device
+        longest = max(len(r.stream.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.stream.prompt_ids)
+            ids[i, longest - n :] = torch.tensor(r.stream.prompt_ids)
+            mask[i, longest - n :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, position_ids, cache, [r.stream.version for r in rows])
+        self._sample_into(rows, logits)
+        self._merge(rows, cache, mask)
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append freshly prefilled rows to the running batch, left-padding the shorter side."""
+        if not self._rows:
+            self._rows, self._cache, self._mask = rows, cache, mask
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([pad(old.keys, 2), pad(new.keys, 2)], dim=0)  # (B, H, T, D)
+            old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)], dim=0)
+        self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)], dim=0)  # (B, T)
+        self._rows = self._rows + rows
+
+    def _sample_into(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        temps = torch.tensor([r.stream.params.temperature for r in rows], device=logits.device)
+        top_p = torch.tensor([r.stream.params.top_p for r in rows], device=logits.device)
+        tokens = sample(logits, temps, top_p).tolist()
+        now = time.perf_counter()
+        for r, t in zip(rows, tokens):
+            r.next_token = t
+            if r.first_token_at is None:
+                r.first_token_at = now
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        device = self._mask.device
+        ids = torch.tensor([[r.next_token] for r in rows], device=device)  # (B, 1)
+        positions = torch.tensor([[r.pos] for r in rows], device=device)  # (B, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        logits = self._forward(ids, self._mask, positions, self._cache, [r.stream.version for r in rows])
+        for r in rows:
+            r.pos += 1
+        self._sample_into(rows, logits)
+
+    def _emit_and_retire(self) -> None:
+        """Commit each row's sampled token, stream its text, and drop finished rows."""
+        keep = []
+        tok = self.policy.tokenizer
+        for i, r in enumerate(self._rows):
+            reason = None
+            if r.stream.cancelled:
+                reason = "stopped"
+            elif r.next_token in self.eos_ids:
+                reason = "eos"
+            else:
+                r.generated.append(r.next_token)
+                text = tok.decode(r.generated, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # hold back a half-decoded character
+                    if text.startswith(r.text):
+                        delta = text[len(r.text) :]
+                    else:  # the tokenizer re-segmented earlier text; resend nothing, keep the new text
+                        delta = ""
+                    r.text = text
+                    if delta:
+                        r.stream._queue.put(delta)
+                if len(r.generated) >= r.stream.params.max_new_tokens:
+                    reason = "length"
+            if reason is None:
+                keep.append(i)
+            else:
+                self._finish(r, reason)
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask = self._mask[index]
+        start = int((self._mask.sum(0) > 0).nonzero()[0])  # drop padding columns no row needs
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+    def _finish(self, r: _Row, reason: str) -> None:
+        now = time.perf_counter()
+        s = r.stream
+        if r.generated:
+            r.text = self.policy.tokenizer.decode(r.generated, skip_special_tokens=True)
+        s.reply = Reply(
+            text=r.text,
+            adapter_version=s.version,
+            prompt_tokens=len(s.prompt_ids),
+            completion_tokens=len(r.generated),
+            ttft_ms=None if r.first_token_at is None else (r.first_token_at - s.submitted) * 1000,
+            latency_ms=(now - s.submitted) * 1000,
+            finish_reason=reason,
+        )
+        s._queue.put(_DONE)

