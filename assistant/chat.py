@@ -102,6 +102,24 @@ class Stream:
                 raise item
             yield item
 
+    def poll(self, timeout: float) -> tuple[str, bool]:
+        """Text produced since the last poll (waiting up to `timeout` seconds for the
+        first piece) and whether the reply has finished."""
+        pieces, done = [], False
+        try:
+            item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            while True:
+                if item is _DONE:
+                    done = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                pieces.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        return "".join(pieces), done
+
     def text(self) -> str:
         """Block until the reply is finished and return it whole."""
         for _ in self:

@@ -1,0 +1,196 @@
+"""Tests for assistant/model.py: device and quantisation choice, config validation,
+the policy build (none / nf4 / int8 on CPU), and generating through peft with a
+trained adapter on a 4-bit base.
+
+Everything runs on the tiny seeded model from tests/tiny.py, offline, on CPU.
+Run: python -m pytest tests/test_model.py -q
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import PeftModel
+
+import assistant.model as model_mod
+from assistant.chat import Engine, GenParams
+from assistant.config import BASE_VERSION, ModelArgs
+from assistant.model import INIT_ADAPTER, build_policy, resolve_device, resolve_quantize
+
+GREEDY = GenParams(temperature=0.0, max_new_tokens=24)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+BNB_CLASS = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
+
+
+def lora_wrapped(model) -> dict[str, torch.nn.Module]:
+    """Modules that carry LoRA, by name."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
+
+
+# -- device and quantisation choice -------------------------------------------------
+
+
+def test_auto_quantize_is_none_on_cpu():
+    assert resolve_quantize("auto", torch.device("cpu")) == "none"
+
+
+def test_auto_quantize_is_nf4_on_cuda():
+    assert resolve_quantize("auto", torch.device("cuda")) == "nf4"
+
+
+@pytest.mark.parametrize("choice", ["nf4", "int8", "none"])
+def test_explicit_quantize_is_kept(choice):
+    assert resolve_quantize(choice, torch.device("cpu")) == choice
+
+
+def test_auto_device_is_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_device_without_cuda_is_a_clear_error(monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=rf"--device {device}: CUDA is not available.*--device cpu"):
+        resolve_device(device)
+
+
+# -- ModelArgs.validate ------------------------------------------------------------
+
+
+def test_default_model_args_are_valid():
+    ModelArgs().validate()
+
+
+@pytest.mark.parametrize(
+    "overrides, flag",
+    [
+        ({"lora_r": 0}, "--lora-r"),
+        ({"lora_r": -4}, "--lora-r"),
+        ({"lora_alpha": 0}, "--lora-alpha"),
+        ({"lora_dropout": 1.0}, "--lora-dropout"),
+        ({"lora_dropout": -0.1}, "--lora-dropout"),
+        ({"lora_target_modules": " , "}, "--lora-target-modules"),
+        ({"lora_target_modules": ""}, "--lora-target-modules"),
+        ({"device": "gpu"}, "--device"),
+        ({"device": "mps"}, "--device"),
+    ],
+)
+def test_model_args_reject_bad_values_naming_the_flag(overrides, flag):
+    with pytest.raises(ValueError, match=flag):
+        ModelArgs(**overrides).validate()
+
+
+def test_target_modules_are_split_and_stripped():
+    assert ModelArgs(lora_target_modules=" q_proj, v_proj ,").target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_quantize_is_refused_by_load_base(tiny_args):
+    with pytest.raises(ValueError, match="--quantize"):
+        model_mod.load_base(tiny_args(quantize="fp8"))
+
+
+# -- build_policy -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4", "int8"])
+def test_build_policy_wraps_the_base_in_peft(tiny_args, quantize):
+    policy = build_policy(tiny_args(quantize=quantize))
+    assert isinstance(policy.model, PeftModel)
+    assert policy.quantize == quantize
+    assert policy.current == BASE_VERSION
+    assert policy.loaded == {}
+    assert policy.device == torch.device("cpu")
+    assert not policy.model.training
+    wrapped = lora_wrapped(policy.model)
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert INIT_ADAPTER in policy.model.peft_config
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantized_policy_uses_bitsandbytes_layers(tiny_args, quantize):
+    policy = build_policy(tiny_args(quantize=quantize))
+    wrapped = lora_wrapped(policy.model)
+    assert wrapped
+    for name, module in wrapped.items():
+        assert isinstance(module.base_layer, BNB_CLASS[quantize]), name
+    mlp = policy.model.base_model.model.model.layers[0].mlp
+    assert isinstance(mlp.gate_proj, BNB_CLASS[quantize])  # layers without LoRA are quantised too
+
+
+def test_unquantized_policy_uses_plain_linear_layers(tiny_args):
+    policy = build_policy(tiny_args(quantize="none"))
+    for name, module in lora_wrapped(policy.model).items():
+        assert type(module.base_layer) is torch.nn.Linear, name
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4", "int8"])
+def test_base_parameters_are_frozen(tiny_args, quantize):
+    policy = build_policy(tiny_args(quantize=quantize))
+    base = [(n, p) for n, p in policy.model.named_parameters() if "lora_" not in n]
+    assert base
+    assert not [n for n, p in base if p.requires_grad]
+
+
+def test_nf4_keeps_the_requested_compute_dtype(tiny_args):
+    policy = build_policy(tiny_args(quantize="nf4"))
+    q_proj = lora_wrapped(policy.model)
+    layer = next(iter(q_proj.values())).base_layer
+    assert layer.compute_dtype == torch.float32
+
+
+# -- nf4 on CPU, generating through peft with a trained adapter ----------------------
+
+
+@pytest.fixture
+def nf4_with_adapter(tiny_args, make_adapter, tmp_path):
+    """An nf4 policy on CPU with a trained-looking adapter loaded as v000001, and its engine."""
+    policy = build_policy(tiny_args(quantize="nf4"))
+    policy.load_adapter("v000001", make_adapter(tmp_path / "v000001", seed=3))
+    policy.current = "v000001"
+    engine = Engine(policy)
+    yield policy, engine
+    engine.close()
+
+
+def test_nf4_adapter_reply_differs_from_base(nf4_with_adapter, drain):
+    policy, engine = nf4_with_adapter
+    tuned = engine.submit(QUESTION, GREEDY)
+    base = engine.submit(QUESTION, GREEDY, version=BASE_VERSION)
+    drain(tuned), drain(base)
+    assert tuned.reply.adapter_version == "v000001"
+    assert base.reply.adapter_version == BASE_VERSION
+    assert tuned.reply.text != base.reply.text
+
+
+def test_nf4_adapter_reply_equals_peft_generate(nf4_with_adapter, drain, hf_greedy):
+    policy, engine = nf4_with_adapter
+    stream = engine.submit(QUESTION, GREEDY)
+    drain(stream)
+
+    def peft_generate(p):
+        p.model.set_adapter("v000001")
+        return hf_greedy(p.model, p.tokenizer, QUESTION, GREEDY.max_new_tokens)
+
+    assert stream.reply.completion_tokens == GREEDY.max_new_tokens
+    assert stream.reply.text == engine.call(peft_generate).result()
+
+
+def test_nf4_base_reply_equals_peft_generate_with_adapter_disabled(nf4_with_adapter, drain, hf_greedy):
+    policy, engine = nf4_with_adapter
+    stream = engine.submit(QUESTION, GREEDY, version=BASE_VERSION)
+    drain(stream)
+
+    def base_generate(p):
+        with p.model.disable_adapter():
+            return hf_greedy(p.model, p.tokenizer, QUESTION, GREEDY.max_new_tokens)
+
+    assert stream.reply.text == engine.call(base_generate).result()
+
+
+def test_unloading_an_adapter_removes_it_from_peft(nf4_with_adapter):
+    policy, engine = nf4_with_adapter
+    engine.call(lambda p: p.unload_adapter("v000001")).result()
+    assert "v000001" not in policy.loaded
+    assert "v000001" not in policy.model.peft_config
