@@ -238,7 +238,7 @@ class Engine:
                         self._decode_step()
             except Exception as exc:  # a failed step must not take the server down
                 log.exception("generation step failed; failing %d in-flight replies", len(self._rows))
-                for row in self._rows:
+                for row in {id(r): r for r in self._rows + admitted if r.stream.reply is None}.values():  # + admitted: a failed prefill never merged them
                     row.stream._queue.put(RuntimeError(f"generation failed: {exc}"))
                 self._rows, self._cache, self._mask = [], None, None
 

@@ -149,6 +149,7 @@ def trained_peft(tiny_dir):
     def make(seed: int = 1, adapter_name: str = "default", scale: float = 0.5, **lora_overrides):
         base = AutoModelForCausalLM.from_pretrained(tiny_dir)
         cfg = lora_config(ModelArgs(model=str(tiny_dir), **lora_overrides))
+        torch.manual_seed(seed)  # lora_A's initialisation: the same seed gives the same adapter
         model = get_peft_model(base, cfg, adapter_name=adapter_name)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():

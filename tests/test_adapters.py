@@ -1,0 +1,348 @@
+"""Tests for assistant/adapters.py: the on-disk format (publish, CURRENT pointer),
+validation of what the server is asked to load, and hot-swapping through the Engine
+(new replies switch, in-flight replies finish on the adapter they started with, bad
+adapters are refused, rollback to the base model).
+
+Adapters are trained-looking LoRA weights on the tiny seeded model (tests/conftest.py).
+Run: python -m pytest tests/test_adapters.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from assistant.adapters import (
+    POINTER,
+    REQUIRED_FILES,
+    InvalidAdapter,
+    activate,
+    publish,
+    read_current,
+    read_manifest,
+    set_current,
+    validate,
+    versions,
+)
+from assistant.chat import GenParams
+from assistant.config import BASE_VERSION
+
+HANG_GUARD_S = 60
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+MANIFEST = {"parent": "base", "reward_model": "rm000001", "feedback_ids": [1, 40], "metrics": {"objective/kl": 0.01}}
+
+
+def greedy(max_new_tokens: int) -> GenParams:
+    return GenParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+
+
+@pytest.fixture
+def adapters_dir(tmp_path):
+    return tmp_path / "adapters"
+
+
+@pytest.fixture
+def published(adapters_dir, trained_peft):
+    """adapters_dir holding v000001 (seed 1) and v000002 (seed 2); CURRENT not set."""
+    for seed in (1, 2):
+        publish(adapters_dir, trained_peft(seed=seed), "default", dict(MANIFEST))
+    return adapters_dir
+
+
+def corrupt_weights(path, how) -> None:
+    """Rewrite the adapter's safetensors with the first tensor changed by `how`."""
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    name = sorted(tensors)[0]
+    tensors[name] = how(tensors[name].clone())
+    save_file(tensors, str(file))
+
+
+def with_value(value):
+    def how(t):
+        t.view(-1)[0] = value
+        return t
+
+    return how
+
+
+def activate_in_background(engine, adapters_dir, version) -> tuple[threading.Thread, dict]:
+    """Start `activate` on another thread and return once its swap is queued on the
+    engine, so the caller decides what the engine is doing when the swap runs."""
+    queued, call = threading.Event(), engine.call
+
+    def call_and_signal(fn):
+        fut = call(fn)
+        queued.set()
+        return fut
+
+    engine.call = call_and_signal
+    result: dict = {}
+
+    def run():
+        result["old"] = activate(engine, adapters_dir, version)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert queued.wait(HANG_GUARD_S), "activate never queued its swap"
+    engine.call = call
+    return thread, result
+
+
+# -- versions and the CURRENT pointer ----------------------------------------------------
+
+
+def test_versions_of_a_missing_directory_is_empty(adapters_dir):
+    assert versions(adapters_dir) == []
+
+
+def test_read_current_is_base_without_a_pointer(adapters_dir):
+    assert read_current(adapters_dir) == BASE_VERSION
+    adapters_dir.mkdir()
+    assert read_current(adapters_dir) == BASE_VERSION
+
+
+def test_read_current_refuses_a_garbled_pointer(adapters_dir):
+    adapters_dir.mkdir()
+    (adapters_dir / POINTER).write_text("../../etc\n")
+    with pytest.raises(InvalidAdapter, match="not a version name"):
+        read_current(adapters_dir)
+
+
+def test_set_current_refuses_an_unknown_version(adapters_dir):
+    with pytest.raises(InvalidAdapter, match="no adapter v000007"):
+        set_current(adapters_dir, "v000007")
+
+
+def test_set_current_to_base_needs_no_adapter(adapters_dir):
+    set_current(adapters_dir, BASE_VERSION)
+    assert read_current(adapters_dir) == BASE_VERSION
+
+
+def test_set_current_leaves_no_temporary_files(published):
+    set_current(published, "v000001")
+    set_current(published, "v000002")
+    assert read_current(published) == "v000002"
+    assert sorted(p.name for p in published.iterdir()) == [POINTER, "v000001", "v000002"]
+
+
+# -- publish ---------------------------------------------------------------------------------
+
+
+def test_publish_writes_the_first_version_with_required_files(adapters_dir, trained_peft):
+    version = publish(adapters_dir, trained_peft(), "default", dict(MANIFEST))
+    assert version == "v000001"
+    for name in REQUIRED_FILES:
+        assert (adapters_dir / version / name).is_file(), name
+
+
+def test_publish_writes_the_manifest(adapters_dir, trained_peft):
+    version = publish(adapters_dir, trained_peft(), "default", dict(MANIFEST))
+    manifest = read_manifest(adapters_dir, version)
+    assert manifest["version"] == version
+    assert manifest["status"] == "candidate"
+    assert manifest["created_at"].endswith("Z")
+    assert {k: manifest[k] for k in MANIFEST} == MANIFEST
+
+
+def test_publish_increments_versions(published, trained_peft):
+    assert versions(published) == ["v000001", "v000002"]
+    assert publish(published, trained_peft(seed=3), "default", {}) == "v000003"
+
+
+def test_publish_leaves_no_temporary_directories(published):
+    assert [p.name for p in published.iterdir() if p.name.startswith(".")] == []
+    assert sorted(p.name for p in published.iterdir()) == ["v000001", "v000002"]
+
+
+def test_publish_flattens_a_named_adapter(adapters_dir, trained_peft, policy):
+    version = publish(adapters_dir, trained_peft(adapter_name="policy"), "policy", {})
+    assert [p.name for p in (adapters_dir / version).iterdir() if p.is_dir()] == []
+    validate(adapters_dir / version, policy.lora)
+
+
+def test_publish_does_not_move_current_unless_asked(published, trained_peft):
+    set_current(published, "v000001")
+    publish(published, trained_peft(seed=3), "default", {})
+    assert read_current(published) == "v000001"
+    assert publish(published, trained_peft(seed=4), "default", {}, make_current=True) == "v000004"
+    assert read_current(published) == "v000004"
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+
+def test_published_adapter_is_valid(published, policy):
+    validate(published / "v000001", policy.lora)
+
+
+@pytest.mark.parametrize("missing", REQUIRED_FILES)
+def test_validate_refuses_a_missing_file(published, policy, missing):
+    (published / "v000001" / missing).unlink()
+    with pytest.raises(InvalidAdapter, match=f"v000001: missing {missing}"):
+        validate(published / "v000001", policy.lora)
+
+
+def test_validate_refuses_a_missing_directory(adapters_dir, policy):
+    with pytest.raises(InvalidAdapter, match="missing adapter_config.json"):
+        validate(adapters_dir / "v000009", policy.lora)
+
+
+def test_validate_refuses_a_wrong_rank(tmp_path, make_adapter, policy):
+    path = make_adapter(tmp_path / "v000001", lora_r=8)
+    with pytest.raises(InvalidAdapter, match=r"rank/alpha 8/32 do not match the server's 16/32"):
+        validate(path, policy.lora)
+
+
+def test_validate_refuses_a_wrong_alpha(tmp_path, make_adapter, policy):
+    path = make_adapter(tmp_path / "v000001", lora_alpha=64)
+    with pytest.raises(InvalidAdapter, match=r"rank/alpha 16/64"):
+        validate(path, policy.lora)
+
+
+def test_validate_refuses_wrong_target_modules(tmp_path, make_adapter, policy):
+    path = make_adapter(tmp_path / "v000001", lora_target_modules="q_proj,v_proj")
+    with pytest.raises(InvalidAdapter, match=r"target modules \['q_proj', 'v_proj'\] do not match"):
+        validate(path, policy.lora)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_validate_refuses_non_finite_weights(published, policy, value):
+    corrupt_weights(published / "v000001", with_value(value))
+    with pytest.raises(InvalidAdapter, match="NaN or infinite"):
+        validate(published / "v000001", policy.lora)
+
+
+def test_validate_refuses_unreadable_weights(published, policy):
+    (published / "v000001" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InvalidAdapter, match="adapter weights unreadable"):
+        validate(published / "v000001", policy.lora)
+
+
+def test_validate_refuses_a_corrupt_manifest(published, policy):
+    (published / "v000001" / "manifest.json").write_text("{half")
+    with pytest.raises(InvalidAdapter, match="unreadable config or manifest"):
+        validate(published / "v000001", policy.lora)
+
+
+# -- activate (hot-swap through the engine) ------------------------------------------------------
+
+
+def test_activate_returns_the_old_version_and_switches(engine, policy, published):
+    assert activate(engine, published, "v000001") == BASE_VERSION
+    assert policy.current == "v000001"
+    assert set(policy.loaded) == {"v000001"}
+
+
+def test_replies_after_activate_record_the_new_version(engine, published, drain):
+    activate(engine, published, "v000001")
+    stream = engine.submit(QUESTION, greedy(6))
+    drain(stream)
+    assert stream.reply.adapter_version == "v000001"
+
+
+def test_replies_after_activate_use_the_new_weights(engine, policy, published, trained_peft, hf_greedy, drain):
+    activate(engine, published, "v000001")
+    stream = engine.submit(QUESTION, greedy(16))
+    drain(stream)
+    assert stream.reply.text == hf_greedy(trained_peft(seed=1), policy.tokenizer, QUESTION, 16)
+
+
+def test_in_flight_reply_finishes_on_the_version_it_started_with(
+    engine, policy, published, trained_peft, tiny_reference, hf_greedy, drain
+):
+    # Park the engine inside its 5th forward call (the old reply is 4 tokens in), queue
+    # the swap, then let go: the swap runs between decode steps while the reply is running.
+    inner, calls = engine._forward, []
+    reached, go = threading.Event(), threading.Event()
+
+    def forward(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            reached.set()
+            go.wait(HANG_GUARD_S)
+        return inner(*args)
+
+    engine._forward = forward
+    old = engine.submit(QUESTION, greedy(40))
+    try:
+        assert reached.wait(HANG_GUARD_S)
+        swapper, result = activate_in_background(engine, published, "v000001")
+    finally:
+        go.set()
+    swapper.join(HANG_GUARD_S)
+    assert result["old"] == BASE_VERSION
+    assert old.reply is None  # still generating after the swap
+    new = engine.submit(QUESTION, greedy(40))
+    drain(old), drain(new)
+
+    assert old.reply.adapter_version == BASE_VERSION
+    assert old.reply.text == hf_greedy(tiny_reference, policy.tokenizer, QUESTION, 40)
+    assert new.reply.adapter_version == "v000001"
+    assert new.reply.text == hf_greedy(trained_peft(seed=1), policy.tokenizer, QUESTION, 40)
+
+
+def test_activate_keeps_an_adapter_that_a_queued_reply_uses(
+    engine, policy, published, trained_peft, hf_greedy, stall, drain
+):
+    activate(engine, published, "v000001")
+    release = stall(engine)
+    pinned = engine.submit(QUESTION, greedy(12))  # queued on v000001 while the engine is parked
+    swapper, _ = activate_in_background(engine, published, "v000002")
+    release()
+    swapper.join(HANG_GUARD_S)
+    assert policy.current == "v000002"
+    assert "v000001" in policy.loaded
+    drain(pinned)
+    assert pinned.reply.adapter_version == "v000001"
+    assert pinned.reply.text == hf_greedy(trained_peft(seed=1), policy.tokenizer, QUESTION, 12)
+
+
+def test_activate_unloads_an_adapter_no_reply_uses(engine, policy, published):
+    activate(engine, published, "v000001")
+    activate(engine, published, "v000002")
+    assert set(policy.loaded) == {"v000002"}
+    assert "v000001" not in policy.model.peft_config
+
+
+def test_activate_refuses_an_invalid_adapter_and_keeps_serving(engine, policy, published, drain):
+    activate(engine, published, "v000001")
+    corrupt_weights(published / "v000002", with_value(float("nan")))
+    with pytest.raises(InvalidAdapter, match="v000002: tensor .* NaN"):
+        activate(engine, published, "v000002")
+    assert policy.current == "v000001"
+    assert set(policy.loaded) == {"v000001"}
+    stream = engine.submit(QUESTION, greedy(4))
+    drain(stream)
+    assert stream.reply.adapter_version == "v000001"
+
+
+def test_activate_refuses_an_unpublished_version(engine, policy, published):
+    with pytest.raises(InvalidAdapter, match="missing"):
+        activate(engine, published, "v000009")
+    assert policy.current == BASE_VERSION
+    assert policy.loaded == {}
+
+
+def test_rollback_to_base_serves_the_base_model(engine, policy, published, tiny_reference, hf_greedy, drain):
+    activate(engine, published, "v000001")
+    assert activate(engine, published, BASE_VERSION) == "v000001"
+    assert policy.current == BASE_VERSION
+    assert policy.loaded == {}
+    stream = engine.submit(QUESTION, greedy(16))
+    drain(stream)
+    assert stream.reply.adapter_version == BASE_VERSION
+    assert stream.reply.text == hf_greedy(tiny_reference, policy.tokenizer, QUESTION, 16)
+
+
+def test_rollback_to_an_older_version(engine, policy, published, trained_peft, hf_greedy, drain):
+    activate(engine, published, "v000002")
+    assert activate(engine, published, "v000001") == "v000002"
+    stream = engine.submit(QUESTION, greedy(16))
+    drain(stream)
+    assert stream.reply.adapter_version == "v000001"
+    assert stream.reply.text == hf_greedy(trained_peft(seed=1), policy.tokenizer, QUESTION, 16)
