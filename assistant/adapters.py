@@ -144,8 +144,8 @@ def validate(path: str | Path, lora) -> None:
 def activate(engine, adapters_dir: str | Path, version: str) -> str:
     """Validate, load and switch to `version` between decode steps; returns the old version.
 
-    In-flight replies keep the version they started with; the previous adapter is
-    unloaded once no reply uses it. Raises InvalidAdapter and changes nothing when
+    In-flight and queued replies keep the version they were pinned to; the previous
+    adapter is unloaded as soon as no reply uses it. Raises InvalidAdapter and changes nothing when
     the adapter is bad.
     """
     policy = engine.policy
@@ -153,14 +153,8 @@ def activate(engine, adapters_dir: str | Path, version: str) -> str:
         validate(Path(adapters_dir) / version, policy.lora)
 
     def swap(policy):
-        old = policy.current
         if version != BASE_VERSION and version not in policy.loaded:
             policy.load_adapter(version, Path(adapters_dir) / version)
-        policy.current = version
-        in_use = engine.active_versions() | {version}
-        for v in list(policy.loaded):
-            if v not in in_use:
-                policy.unload_adapter(v)
-        return old
+        return engine.switch(version)
 
     return engine.call(swap).result()

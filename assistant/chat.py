@@ -176,6 +176,10 @@ class Engine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos_ids))
         self.max_positions = getattr(policy.model.config, "max_position_embeddings", None) or 2048
         self._waiting: queue.Queue = queue.Queue()
+        # Held while a request is pinned to a version and queued, and while a swap
+        # changes the current version and decides which adapters are still in use.
+        self.pin_lock = threading.Lock()
+        self._retiring: set[str] = set()  # swapped-out versions to unload once unused
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -195,10 +199,14 @@ class Engine:
                 f"the conversation is {len(ids)} tokens and the reply may take {params.max_new_tokens}; "
                 f"the model's context is {self.max_positions}. Clear the chat or lower max new tokens."
             )
-        if self._waiting.qsize() >= self.max_queue:
-            raise QueueFull(f"the server is busy ({self.max_queue} replies waiting); try again in a moment")
-        stream = Stream(ids, params, version or self.policy.current)
-        self._waiting.put(stream)
+        with self.pin_lock:  # pin the version and queue atomically with respect to swaps
+            version = version or self.policy.current
+            if version != BASE_VERSION and version not in self.policy.loaded:
+                raise ValueError(f"adapter version {version} is not loaded")
+            if self._waiting.qsize() >= self.max_queue:
+                raise QueueFull(f"the server is busy ({self.max_queue} replies waiting); try again in a moment")
+            stream = Stream(ids, params, version)
+            self._waiting.put(stream)
         self._wake.set()
         return stream
 
@@ -216,9 +224,42 @@ class Engine:
         return {r.stream.version for r in list(self._rows)} | set(queued)
 
     def close(self) -> None:
+        """Stop the engine thread; running and queued replies end with an error."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        closed = RuntimeError("the generation engine was shut down")
+        for row in self._rows:
+            if row.stream.reply is None:
+                row.stream._queue.put(closed)
+        while True:
+            try:
+                self._waiting.get_nowait()._queue.put(closed)
+            except queue.Empty:
+                break
+        self._rows, self._cache, self._mask = [], None, None
+
+    def switch(self, version: str) -> str:
+        """Make `version` (loaded, or 'base') current for new replies; returns the old one.
+
+        Call on the engine thread (inside `call`). The old adapter stays loaded while
+        running or queued replies are pinned to it, and is unloaded after the last one."""
+        with self.pin_lock:
+            old, self.policy.current = self.policy.current, version
+            if old != version and old != BASE_VERSION:
+                self._retiring.add(old)
+            self._retiring.discard(version)
+        self.release_unused()
+        return old
+
+    def release_unused(self) -> None:
+        """Unload swapped-out adapters that no running or queued reply is pinned to."""
+        with self.pin_lock:
+            in_use = self.active_versions()
+            for v in list(self._retiring):
+                if v not in in_use:
+                    self.policy.unload_adapter(v)
+                    self._retiring.discard(v)
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
@@ -379,6 +420,14 @@ class Engine:
                 self._finish(r, reason)
         if len(keep) == len(self._rows):
             return
+        kept = set(keep)
+        retired_old = any(r.stream.version in self._retiring for i, r in enumerate(self._rows) if i not in kept)
+        self._retire(keep)
+        if retired_old:  # the last reply on a swapped-out adapter may have just ended
+            self.release_unused()
+
+    def _retire(self, keep: list[int]) -> None:
+        """Keep only rows `keep` in the batch, trimming padding no row needs."""
         if not keep:
             self._rows, self._cache, self._mask = [], None, None
             return
@@ -395,7 +444,10 @@ class Engine:
         now = time.perf_counter()
         s = r.stream
         if r.generated:
-            r.text = self.policy.tokenizer.decode(r.generated, skip_special_tokens=True)
+            final = self.policy.tokenizer.decode(r.generated, skip_special_tokens=True)
+            if final.startswith(r.text) and len(final) > len(r.text):
+                s._queue.put(final[len(r.text) :])  # the held-back tail of a split character
+            r.text = final
         s.reply = Reply(
             text=r.text,
             adapter_version=s.version,

@@ -9,11 +9,10 @@ Run: python -m pytest tests/test_adapters.py -q
 
 from __future__ import annotations
 
-import json
 import threading
+import time
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from assistant.adapters import (
@@ -256,12 +255,12 @@ def test_in_flight_reply_finishes_on_the_version_it_started_with(
     engine, policy, published, trained_peft, tiny_reference, hf_greedy, drain
 ):
     # Park the engine inside its 5th forward call (the old reply is 4 tokens in), queue
-    # the swap, then let go: the swap runs between decode steps while the reply is running.
+    # the swap, then let go: the swap runs before the 6th call, while the reply is running.
     inner, calls = engine._forward, []
     reached, go = threading.Event(), threading.Event()
 
     def forward(*args):
-        calls.append(1)
+        calls.append((policy.current, list(args[-1])))  # (current version, versions of the rows)
         if len(calls) == 5:
             reached.set()
             go.wait(HANG_GUARD_S)
@@ -276,10 +275,11 @@ def test_in_flight_reply_finishes_on_the_version_it_started_with(
         go.set()
     swapper.join(HANG_GUARD_S)
     assert result["old"] == BASE_VERSION
-    assert old.reply is None  # still generating after the swap
     new = engine.submit(QUESTION, greedy(40))
     drain(old), drain(new)
 
+    assert calls[4][0] == BASE_VERSION and calls[5][0] == "v000001"  # swapped between calls 5 and 6
+    assert any(BASE_VERSION in versions for _, versions in calls[5:])  # the old reply kept going on base
     assert old.reply.adapter_version == BASE_VERSION
     assert old.reply.text == hf_greedy(tiny_reference, policy.tokenizer, QUESTION, 40)
     assert new.reply.adapter_version == "v000001"
@@ -300,6 +300,27 @@ def test_activate_keeps_an_adapter_that_a_queued_reply_uses(
     drain(pinned)
     assert pinned.reply.adapter_version == "v000001"
     assert pinned.reply.text == hf_greedy(trained_peft(seed=1), policy.tokenizer, QUESTION, 12)
+
+
+def test_reply_pinned_just_before_a_swap_keeps_its_adapter(engine, policy, published, trained_peft, hf_greedy, drain):
+    activate(engine, published, "v000001")
+    put = engine._waiting.put
+
+    swapper = threading.Thread(target=activate, args=(engine, published, "v000002"))
+
+    def swap_then_put(stream):  # a swap starts in the window between pinning and queueing
+        swapper.start()
+        time.sleep(0.3)  # let the swap reach the engine thread; it must wait for the queueing
+        put(stream)
+
+    engine._waiting.put = swap_then_put
+    stream = engine.submit(QUESTION, greedy(8))
+    engine._waiting.put = put
+    swapper.join(HANG_GUARD_S)
+    assert policy.current == "v000002"
+    assert stream.version == "v000001"
+    drain(stream)
+    assert stream.reply.text == hf_greedy(trained_peft(seed=1), policy.tokenizer, QUESTION, 8)
 
 
 def test_activate_unloads_an_adapter_no_reply_uses(engine, policy, published):

@@ -72,6 +72,20 @@ class ForwardSpy:
             go.set()
 
 
+def force_tokens(engine: Engine, token_ids: list[int]) -> None:
+    """Make the engine's first len(token_ids) samples these tokens, whatever the model says."""
+    inner, calls = engine._forward, []
+
+    def forward(*args):
+        logits = inner(*args)  # (B, V)
+        if len(calls) < len(token_ids):
+            logits[:, token_ids[len(calls)]] = logits.max() + 100
+        calls.append(1)
+        return logits
+
+    engine._forward = forward
+
+
 @pytest.fixture
 def tiny_refs(policy, tiny_reference, hf_greedy):
     """Greedy replies to PROMPTS from the tiny model through plain transformers."""
@@ -154,10 +168,14 @@ def test_submit_validates_gen_params(engine):
 # -- batching correctness: greedy Engine output == transformers generate ------------------
 
 
-def test_concurrent_replies_equal_hf_generate(engine, tiny_refs, drain):
+def test_concurrent_replies_equal_hf_generate(engine, tiny_refs, drain, stall):
+    spy = ForwardSpy(engine)
+    release = stall(engine)
     streams = [engine.submit(user(q), greedy(n)) for q, n in PROMPTS]
+    release()
     for s in streams:
         drain(s)
+    assert len(spy.versions[0]) == len(PROMPTS)  # one left-padded prefill for all
     assert [s.reply.text for s in streams] == tiny_refs
     assert [s.reply.completion_tokens for s in streams] == [n for _, n in PROMPTS]
 
@@ -203,8 +221,23 @@ def test_streamed_deltas_add_up_to_the_reply(engine, drain):
     stream = engine.submit(user("hello there"), greedy(40))
     deltas = drain(stream)
     assert deltas and all(deltas)
-    assert stream.reply.text.startswith("".join(deltas))
-    assert len(stream.reply.text) - len("".join(deltas)) <= 1  # at most a held-back half character
+    assert "".join(deltas) == stream.reply.text
+
+
+def test_half_characters_are_held_back_until_complete(engine, policy, drain):
+    ids = policy.tokenizer("hé!", add_special_tokens=False)["input_ids"]  # one token per byte: h, 0xC3, 0xA9, !
+    assert len(ids) == 4
+    force_tokens(engine, ids)
+    stream = engine.submit(user("accent"), greedy(4))
+    assert drain(stream) == ["h", "é", "!"]
+    assert stream.reply.text == "hé!"
+
+
+def test_reply_ending_mid_character_streams_what_it_stores(engine, policy, drain):
+    ids = policy.tokenizer("hé", add_special_tokens=False)["input_ids"][:2]  # h, then half of é
+    force_tokens(engine, ids)
+    stream = engine.submit(user("accent"), greedy(2))
+    assert "".join(drain(stream)) == stream.reply.text
 
 
 # -- finish reasons and reply bookkeeping -------------------------------------------------
@@ -241,23 +274,15 @@ def test_cancel_while_queued_stops_without_generating(engine, drain, stall):
     assert stream.reply.ttft_ms is None
 
 
-def test_eos_finishes_the_reply_and_is_not_counted(engine, drain):
-    inner = engine._forward
-    calls = []
-
-    def eos_on_fourth(*args):
-        logits = inner(*args)
-        calls.append(1)
-        if len(calls) == 4:
-            logits[:, 2] = logits.max() + 100  # token 2 is the tiny model's eos (<|im_end|>)
-        return logits
-
-    engine._forward = eos_on_fourth
+def test_eos_finishes_the_reply_and_is_not_counted(engine, policy, drain):
+    eos = policy.tokenizer.eos_token_id
+    assert eos in engine.eos_ids
+    force_tokens(engine, policy.tokenizer("abc", add_special_tokens=False)["input_ids"] + [eos])
     stream = engine.submit(user("stop soon"), greedy(50))
     drain(stream)
     assert stream.reply.finish_reason == "eos"
     assert stream.reply.completion_tokens == 3
-    assert "<|im_end|>" not in stream.reply.text
+    assert stream.reply.text == "abc"
 
 
 def test_reply_records_version_tokens_and_latency(engine, policy, drain):
@@ -278,6 +303,18 @@ def test_reply_records_the_pinned_version(engine, policy, make_adapter, tmp_path
     drain(stream)
     assert stream.reply.adapter_version == "v000001"
     assert policy.current == BASE_VERSION
+
+
+def test_close_ends_in_flight_streams(engine, drain):
+    spy = ForwardSpy(engine, pause_at=(3,))
+    stream = engine.submit(user("still talking"), greedy(500))
+    spy.wait(3)
+    closer = threading.Thread(target=engine.close, daemon=True)
+    closer.start()
+    spy.release(3)
+    closer.join(HANG_GUARD_S)
+    with pytest.raises(RuntimeError):
+        drain(stream, timeout=2)  # the engine thread has exited: whatever will arrive is queued
 
 
 # -- admission errors ----------------------------------------------------------------------

@@ -135,9 +135,8 @@ def test_base_parameters_are_frozen(tiny_args, quantize):
 
 def test_nf4_keeps_the_requested_compute_dtype(tiny_args):
     policy = build_policy(tiny_args(quantize="nf4"))
-    q_proj = lora_wrapped(policy.model)
-    layer = next(iter(q_proj.values())).base_layer
-    assert layer.compute_dtype == torch.float32
+    for name, module in lora_wrapped(policy.model).items():
+        assert module.base_layer.compute_dtype == torch.float32, name
 
 
 # -- nf4 on CPU, generating through peft with a trained adapter ----------------------
