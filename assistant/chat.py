@@ -23,7 +23,6 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -180,6 +179,7 @@ class Engine:
         # changes the current version and decides which adapters are still in use.
         self.pin_lock = threading.Lock()
         self._retiring: set[str] = set()  # swapped-out versions to unload once unused
+        self._mode: str | None = None  # adapter state the model is in: a version, 'mixed', or None = unknown
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -259,6 +259,7 @@ class Engine:
             for v in list(self._retiring):
                 if v not in in_use:
                     self.policy.unload_adapter(v)
+                    self._mode = None
                     self._retiring.discard(v)
 
     # ------------------------------------------------------------------ engine thread
@@ -290,10 +291,12 @@ class Engine:
             except queue.Empty:
                 return
             if fut.set_running_or_notify_cancel():
+                self._mode = None  # the job may load, delete or activate adapters
                 try:
                     fut.set_result(fn(self.policy))
                 except BaseException as exc:
                     fut.set_exception(exc)
+                self._mode = None
 
     def _admit(self) -> list[_Row]:
         rows = []
@@ -308,28 +311,38 @@ class Engine:
             rows.append(_Row(stream, pos=len(stream.prompt_ids)))
         return rows
 
+    def _select_adapters(self, versions: list[str]) -> dict:
+        """Put the model in the adapter state `versions` need; returns extra forward kwargs.
+
+        One version for the whole batch (the common case) switches the model's active
+        adapter, or disables LoRA for 'base', only when it changes: peft's toggles walk
+        every module and would otherwise cost a quarter of each decode step. Mixed
+        batches go through peft's per-row `adapter_names`."""
+        model = self.policy.model
+        unique = set(versions)
+        mode = versions[0] if len(unique) == 1 else "mixed"
+        if mode != self._mode:
+            if mode == BASE_VERSION:
+                model.base_model.disable_adapter_layers()
+            else:
+                model.base_model.enable_adapter_layers()
+                if mode != "mixed":
+                    model.set_adapter(self.policy.loaded[mode])
+            self._mode = mode
+        if mode == "mixed":
+            return {"adapter_names": ["__base__" if v == BASE_VERSION else self.policy.loaded[v] for v in versions]}
+        return {}
+
     def _forward(self, input_ids, attention_mask, position_ids, cache, versions: list[str]):
         """One forward pass with each row on its own adapter version."""
-        model = self.policy.model
-        kwargs = {}
-        unique = set(versions)
-        if unique == {BASE_VERSION}:
-            ctx = model.disable_adapter()
-        elif len(unique) == 1:
-            model.set_adapter(self.policy.loaded[versions[0]])
-            ctx = nullcontext()
-        else:
-            ctx = nullcontext()
-            kwargs["adapter_names"] = ["__base__" if v == BASE_VERSION else self.policy.loaded[v] for v in versions]
-        with ctx:
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                **kwargs,
-            )
+        out = self.policy.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **self._select_adapters(versions),
+        )
         return out.logits[:, -1, :]  # (B, V)
 
     def _prefill(self, rows: list[_Row]) -> None:

@@ -30,7 +30,7 @@ from assistant.feedback import FeedbackError, FeedbackStore, StoreUnavailable
 log = logging.getLogger(__name__)
 
 FEEDBACK_OPTIONS = ("Like", "Dislike", "Incorrect", "Unhelpful", "Unsafe", "Too long")
-STREAM_INTERVAL_S = 0.04  # coalesce tokens into at most ~25 UI updates per second
+STREAM_INTERVAL_S = 0.15  # coalesce tokens into at most ~7 UI updates per second per reply
 NAME_FIRST = "Enter your name at the top (once per session) so your feedback can be stored."
 
 

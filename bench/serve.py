@@ -5,7 +5,8 @@
 
 Measures, through gradio_client (the real client of a Gradio app):
 - time to first token (TTFT) and tokens/s of 1 stream,
-- aggregate tokens/s of 4 and 8 concurrent streams, and the ratio to 1 stream
+- aggregate tokens/s of 4 and 8 concurrent users (each sending prompts back to
+  back), and the ratio to 1 user
   (the baseline, measured in the same run),
 - p50/p99 latency of storing a vote with 32 concurrent writer threads, both
   directly on the FeedbackStore and end to end through the app's /vote endpoint.
@@ -75,23 +76,58 @@ def completion_tokens(db: Path, prompts: list[str]) -> int:
     return total
 
 
-def streams_round(url: str, db: Path, prompts: list[str], n: int, waves: int, max_new_tokens: int) -> dict:
-    """`waves` waves, back to back, of `n` concurrent streams on distinct prompts."""
-    used, runs = prompts[: n * waves], []
+def streams_round(url: str, db: Path, prompts: list[str], n: int, per_user: int, max_new_tokens: int) -> dict:
+    """`n` simulated users at once, each sending `per_user` prompts back to back."""
+    used = prompts[: n * per_user]
     t0 = time.perf_counter()
+
+    def user(u: int) -> list[dict]:
+        return [one_stream(url, p, max_new_tokens) for p in used[u::n]]
+
     with ThreadPoolExecutor(n) as pool:
-        for w in range(waves):
-            runs += list(pool.map(lambda p: one_stream(url, p, max_new_tokens), used[w * n : (w + 1) * n]))
+        runs = [r for rs in pool.map(user, range(n)) for r in rs]
     wall = time.perf_counter() - t0
     tokens = completion_tokens(db, used)
     return {
         "streams": n,
-        "waves": waves,
+        "replies": len(used),
         "tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "ttft_s_median": statistics.median(r["ttft_s"] for r in runs),
     }
+
+
+def engine_rounds(prompts: list[str], max_new_tokens: int, per_user: int) -> dict:
+    """The same load on the Engine in this process, without the web server."""
+    from assistant.chat import Engine, GenParams
+    from assistant.config import ModelArgs
+    from assistant.model import build_policy
+
+    engine = Engine(build_policy(ModelArgs()), max_batch=8)
+    params = GenParams(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens)
+    msgs = lambda p: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}]  # noqa: E731
+    engine.submit(msgs("Say hi."), params).text()  # warm-up
+    out = {}
+    for n in (1, 4, 8):
+        used = prompts[: n * per_user]
+        t0 = time.perf_counter()
+
+        def user(u: int) -> int:
+            total = 0
+            for p in used[u::n]:
+                s = engine.submit(msgs(p), params)
+                s.text()
+                total += s.reply.completion_tokens
+            return total
+
+        with ThreadPoolExecutor(n) as pool:
+            tokens = sum(pool.map(user, range(n)))
+        wall = time.perf_counter() - t0
+        out[str(n)] = {"streams": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+        print(f"engine only, {n} stream(s): {tokens} tokens in {wall:.2f}s = {tokens / wall:.1f} tok/s", flush=True)
+    engine.close()
+    return out
 
 
 def vote_latency_store(db_path: Path, writers: int = 32, votes_each: int = 50) -> dict:
@@ -147,6 +183,7 @@ def main() -> None:
     ap.add_argument("--url", help="an already running app (default: start one on the default model)")
     ap.add_argument("--db", help="that app's --db (needed with --url, for token counts)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="reply length cap per stream")
+    ap.add_argument("--per-user", type=int, default=3, help="prompts each simulated user sends back to back")
     ap.add_argument("--app-args", default="", help="extra flags for the app this script starts, e.g. '--quantize nf4'")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args()
@@ -169,14 +206,13 @@ def main() -> None:
         with ctx as url:
             streams_round(url, db, prompts[150:], 2, 1, 16)  # warm-up
             rounds = {}
-            offset = 0
-            for n, waves in ((1, 4), (4, 2), (8, 2)):
-                rounds[n] = streams_round(url, db, prompts[offset:], n, waves, args.max_new_tokens)
-                offset += n * waves
+            for n in (1, 4, 8):
+                rounds[n] = streams_round(url, db, prompts, n, args.per_user, args.max_new_tokens)
                 print(f"{n} stream(s): {rounds[n]['tokens']} tokens in {rounds[n]['wall_s']:.2f}s = {rounds[n]['tokens_per_s']:.1f} tok/s, "
                       f"median TTFT {rounds[n]['ttft_s_median'] * 1000:.0f} ms", flush=True)
             app_votes = vote_latency_app(url)
         store_votes = vote_latency_store(tmp / "votes.db")
+    engine = engine_rounds(prompts, args.max_new_tokens, args.per_user) if not args.url else None
 
     base = rounds[1]["tokens_per_s"]
     result = {
@@ -186,6 +222,7 @@ def main() -> None:
         "streams": {str(n): r for n, r in rounds.items()},
         "speedup_4_vs_1": rounds[4]["tokens_per_s"] / base,
         "speedup_8_vs_1": rounds[8]["tokens_per_s"] / base,
+        "engine_only": engine,
         "vote_store_32_writers": store_votes,
         "vote_app_32_clients": app_votes,
     }
@@ -195,6 +232,10 @@ def main() -> None:
     print(f"| 1 stream: TTFT (median) | {rounds[1]['ttft_s_median'] * 1000:.0f} ms |")
     for n in (1, 4, 8):
         print(f"| {n} stream(s): aggregate tokens/s | {rounds[n]['tokens_per_s']:.1f} ({rounds[n]['tokens_per_s'] / base:.2f}x of 1 stream) |")
+    if engine:
+        e1 = engine["1"]["tokens_per_s"]
+        for n in ("1", "4", "8"):
+            print(f"| engine only (no web server), {n} stream(s): tokens/s | {engine[n]['tokens_per_s']:.1f} ({engine[n]['tokens_per_s'] / e1:.2f}x) |")
     print(f"| vote write, 32 writer threads on the store: p50 / p99 | {store_votes['p50_ms']:.2f} / {store_votes['p99_ms']:.2f} ms ({store_votes['stored_rows']} rows) |")
     print(f"| vote through the app, 32 clients: p50 / p99 | {app_votes['p50_ms']:.1f} / {app_votes['p99_ms']:.1f} ms |")
     out = Path(args.out)
