@@ -9,7 +9,9 @@ it records four kinds of feedback: thumbs up/down votes (current vote per user a
 reply, plus the full history in `vote_events`), side-by-side comparisons, corrections
 (an edited, better reply) and rankings of k replies. It exports them as JSONL in the
 conversational formats TRL's trainers read: preference (`prompt/chosen/rejected`),
-KTO (`prompt/completion/label`) and SFT (`messages`).
+KTO (`prompt/completion/label`) and SFT (`messages`). Preference pairs from public
+data sets come in through `import_pair` (the file reader is `trainer/data.py`): each
+is stored as a comparison by user "import", once, however often its file is imported.
 
 How it behaves under load: the file runs in WAL mode with `synchronous=NORMAL`, so
 the trainer can read while the chat server writes. Each thread gets its own
@@ -49,6 +51,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -184,8 +187,21 @@ def _v1_initial_schema(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+def _v2_imports(db: sqlite_utils.Database) -> None:
+    """One row per preference pair imported from a file, so importing it again adds nothing."""
+    db.execute("""CREATE TABLE imports (
+        id INTEGER PRIMARY KEY,
+        key TEXT UNIQUE NOT NULL,                           -- sha256 of the canonical JSON [prompt, chosen, rejected]
+        comparison_id INTEGER NOT NULL REFERENCES comparisons(id),
+        source_file TEXT NOT NULL,                          -- the file's name, as given to import_pair
+        created_at TEXT NOT NULL
+    )""")
+    db.execute("CREATE INDEX idx_imports_comparison_id ON imports(comparison_id)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial_schema,
+    _v2_imports,
 ]
 
 
@@ -251,6 +267,12 @@ def _insert(db: sqlite_utils.Database, table: str, row: dict[str, Any]) -> int:
     columns = ", ".join(row)
     marks = ", ".join("?" * len(row))
     return db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values())).lastrowid
+
+
+def import_key(prompt: list[dict[str, str]], chosen: str, rejected: str) -> str:
+    """The identity of an imported preference pair: sha256 of its canonical JSON."""
+    canonical = json.dumps([prompt, chosen, rejected], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _assistant(text: str) -> list[dict[str, str]]:
@@ -677,6 +699,54 @@ class FeedbackStore:
             return _insert(db, "rankings", {
                 "reply_ids": json.dumps(reply_ids), "user_id": user_id, "created_at": _now(),
             })
+
+    def import_pair(self, prompt: list[dict], chosen: str, rejected: str, source_file: str) -> bool:
+        """Store one preference pair from a data set as a comparison that user "import" made.
+
+        It becomes a conversation, two replies to `prompt` (reply a = chosen, model,
+        adapter version and finish reason "import", token counts and latency 0,
+        source "compare") and a comparison with choice 'a', all in one transaction.
+        The pair's key (`import_key`) goes into `imports`; a pair whose key is
+        already there is not stored again and the call returns False.
+        source_file: the file's name; it becomes the "import" user's profile.
+        """
+        prompt = _check_context(prompt)
+        chosen = _check_str(chosen, "chosen text", allow_empty=False)
+        rejected = _check_str(rejected, "rejected text", allow_empty=False)
+        if chosen.strip() == rejected.strip():
+            raise FeedbackError("chosen and rejected are the same text; there is nothing to prefer")
+        source_file = _check_str(source_file, "source file", allow_empty=False)
+        key = import_key(prompt, chosen, rejected)
+        context = _json(prompt, "prompt")
+        system_prompt = prompt[0]["content"] if prompt[0]["role"] == "system" else ""
+        now = _now()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM imports WHERE key = ?", [key]).fetchone():
+                return False
+            found = db.execute("SELECT id, profile FROM users WHERE name = 'import'").fetchone()
+            if found is None:
+                user_id = _insert(db, "users", {"name": "import", "profile": source_file, "created_at": now})
+            else:
+                user_id, profile = found
+                if profile != source_file:
+                    db.execute("UPDATE users SET profile = ? WHERE id = ?", [source_file, user_id])
+            conversation_id = uuid.uuid4().hex
+            _insert(db, "conversations", {
+                "id": conversation_id, "user_id": user_id, "system_prompt": system_prompt, "created_at": now,
+            })
+            reply_ids = [_insert(db, "replies", {
+                "conversation_id": conversation_id, "context": context, "text": text, "params": "{}",
+                "model": "import", "adapter_version": "import", "prompt_tokens": 0, "completion_tokens": 0,
+                "latency_ms": 0.0, "ttft_ms": None, "finish_reason": "import", "source": "compare",
+                "created_at": now,
+            }) for text in (chosen, rejected)]
+            comparison_id = _insert(db, "comparisons", {
+                "reply_a_id": reply_ids[0], "reply_b_id": reply_ids[1], "choice": "a",
+                "user_id": user_id, "created_at": now,
+            })
+            _insert(db, "imports", {"key": key, "comparison_id": comparison_id, "source_file": source_file,
+                                    "created_at": now})
+        return True
 
     # -- reads and export --------------------------------------------------
 

@@ -7,6 +7,9 @@ What it does:
   when asked, on the chosen device, in eval mode.
 - `build_policy` wraps the base in a peft LoRA model: the trained adapter named by
   `data/adapters/CURRENT` when one is published, else a fresh (identity) adapter.
+- `backbone` and `scalar_head` give the pieces a scalar model (the reward model, a
+  value function) puts on the same base: the transformer body without its LM head,
+  and a fresh float32 `Linear(hidden_size, 1)` that reads its last hidden state.
 
 What it does not do: generate (see chat.py), or decide which adapter is current
 (see adapters.py). The trainer imports the same functions, so serving and
@@ -18,6 +21,7 @@ Run `python -m assistant.model` to prepare the default model ahead of time.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -143,6 +147,31 @@ def lora_config(args: ModelArgs) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def backbone(model) -> torch.nn.Module:
+    """The transformer body of a (peft-wrapped) causal LM, without its LM head.
+
+    LoRA layers live inside the body, so calling it runs the active adapter; its
+    `last_hidden_state` (B, T, H) is what a scalar head reads. Skipping the LM head
+    saves the (B, T, vocab) logits a scalar model never needs."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model.base_model
+
+
+def scalar_head(model) -> torch.nn.Linear:
+    """A fresh float32 `Linear(hidden_size, 1)` on the model's device (draws from torch's RNG).
+
+    Weights ~ N(0, 1/(H+1)), bias 0, so initial outputs are O(1) whatever the model size."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    hidden = base.config.get_text_config().hidden_size
+    device = next(base.parameters()).device
+    head = torch.nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1))
+        head.bias.zero_()
+    return head
 
 
 @dataclass

@@ -1,0 +1,307 @@
+"""Tests for trainer/data.py: snapshots, feedback → examples, merging, the split.
+
+Every test builds its own feedback store under tmp_path through FeedbackStore's
+public API; nothing needs a model or a network.
+Run: python -m pytest tests/test_data.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from assistant.feedback import FeedbackStore, StoreUnavailable
+from trainer.data import (
+    Examples, Pair, Pointwise, build_examples, import_preferences, prompt_messages, read_snapshot, split, to_prompt,
+)
+
+CTX = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+OTHER_CTX = [{"role": "user", "content": "Name a colour."}]
+PROMPT = to_prompt(CTX)
+
+
+def add_reply(store: FeedbackStore, conversation_id: str, text: str, context=CTX) -> int:
+    return store.add_reply(
+        conversation_id=conversation_id, context=context, text=text, params={"temperature": 0.7},
+        model="SmolLM2-135M-Instruct", adapter_version="base", prompt_tokens=12, completion_tokens=3,
+        latency_ms=41.5, ttft_ms=9.25, finish_reason="stop",
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = FeedbackStore(tmp_path / "feedback.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def chat(store):
+    """Three users, one conversation, three replies to CTX and one to OTHER_CTX."""
+    users = [store.ensure_user(name) for name in ("ada", "bob", "cy")]
+    conv = store.new_conversation(users[0], system_prompt="Be brief.")
+    return SimpleNamespace(
+        users=users, user=users[0], conv=conv,
+        r1=add_reply(store, conv, "4"),
+        r2=add_reply(store, conv, "Four."),
+        r3=add_reply(store, conv, "Five."),
+        other=add_reply(store, conv, "Blue.", context=OTHER_CTX),
+    )
+
+
+def examples_of(store: FeedbackStore) -> Examples:
+    return build_examples(read_snapshot(store.path))
+
+
+def directions(examples: Examples) -> set[tuple[str, str]]:
+    return {(p.chosen, p.rejected) for p in examples.pairs}
+
+
+# -- each kind of feedback -------------------------------------------------------
+
+
+def test_comparison_choice_gives_a_pair_from_winner_to_loser(store, chat):
+    store.add_comparison(chat.r1, chat.r2, "b", chat.user)
+    examples = examples_of(store)
+    assert examples.pairs == [Pair(PROMPT, "Four.", "4", chat.conv, "comparison", 1, 0, (chat.conv,))]
+    assert examples.counts["comparison"] == 1
+
+
+def test_tie_gives_no_pair_and_is_counted(store, chat):
+    store.add_comparison(chat.r1, chat.r2, "tie", chat.user)
+    examples = examples_of(store)
+    assert (examples.pairs, examples.pointwise) == ([], [])
+    assert examples.counts["tie"] == 1
+
+
+def test_both_bad_gives_two_negative_labels(store, chat):
+    store.add_comparison(chat.r1, chat.r2, "both_bad", chat.user)
+    examples = examples_of(store)
+    assert examples.pairs == []
+    assert {(p.completion, p.label, p.kind) for p in examples.pointwise} == {("4", 0, "both_bad"), ("Four.", 0, "both_bad")}
+    assert examples.counts["both_bad"] == 1
+
+
+def test_correction_prefers_the_edited_text_to_the_original(store, chat):
+    store.add_correction(chat.r1, "2 + 2 = 4.", chat.user)
+    [pair] = examples_of(store).pairs
+    assert (pair.prompt, pair.chosen, pair.rejected, pair.kind) == (PROMPT, "2 + 2 = 4.", "4", "correction")
+
+
+def test_ranking_gives_every_implied_pair(store, chat):
+    store.add_ranking([chat.r2, chat.r1, chat.r3], chat.user)
+    examples = examples_of(store)
+    assert directions(examples) == {("Four.", "4"), ("Four.", "Five."), ("4", "Five.")}
+    assert {p.kind for p in examples.pairs} == {"ranking"}
+    assert examples.counts["ranking"] == 1
+
+
+def test_votes_give_pointwise_labels(store, chat):
+    store.set_vote(chat.r1, chat.user, 1)
+    store.set_vote(chat.r3, chat.user, -1)
+    examples = examples_of(store)
+    assert {(p.completion, p.label, p.kind) for p in examples.pointwise} == {("4", 1, "thumbs"), ("Five.", 0, "thumbs")}
+    assert (examples.counts["thumbs_up"], examples.counts["thumbs_down"]) == (1, 1)
+
+
+def test_up_and_down_votes_on_one_prompt_give_a_pair(store, chat):
+    store.set_vote(chat.r1, chat.users[0], 1)
+    store.set_vote(chat.r3, chat.users[1], -1)
+    store.set_vote(chat.other, chat.users[1], -1)  # another prompt: pairs with nothing
+    examples = examples_of(store)
+    assert [(p.prompt, p.chosen, p.rejected, p.kind) for p in examples.pairs] == [(PROMPT, "4", "Five.", "thumbs")]
+
+
+def test_removed_votes_are_skipped(store, chat):
+    store.set_vote(chat.r1, chat.user, 1)
+    store.set_vote(chat.r1, chat.user, 0)
+    examples = examples_of(store)
+    assert examples.pointwise == []
+    assert examples.counts["thumbs_up"] == 0
+
+
+def test_comparison_between_identical_texts_is_skipped_and_counted(store, chat):
+    same = add_reply(store, chat.conv, "4")
+    store.add_comparison(chat.r1, same, "a", chat.user)
+    examples = examples_of(store)
+    assert examples.pairs == []
+    assert examples.counts["same_text"] == 1
+
+
+def test_prompt_is_hashable_and_converts_back_to_messages():
+    assert hash(PROMPT) == hash(to_prompt(CTX))
+    assert prompt_messages(PROMPT) == CTX
+
+
+# -- merging judgements ------------------------------------------------------------
+
+
+def test_agreeing_judgements_merge_into_one_example(store, chat):
+    for user in chat.users[:2]:
+        store.add_comparison(chat.r1, chat.r2, "a", user)
+    examples = examples_of(store)
+    assert [(p.chosen, p.support, p.against) for p in examples.pairs] == [("4", 2, 0)]
+    assert examples.contradictions == 0
+
+
+def test_judgements_of_different_kinds_on_one_pair_merge(store, chat):
+    store.add_comparison(chat.r1, chat.r2, "a", chat.user)
+    store.add_ranking([chat.r1, chat.r2], chat.users[1])
+    [pair] = examples_of(store).pairs
+    assert (pair.chosen, pair.kind, pair.support) == ("4", "comparison", 2)
+
+
+def test_contradicting_judgements_are_kept_and_counted(store, chat):
+    store.add_comparison(chat.r1, chat.r2, "b", chat.users[0])
+    store.add_comparison(chat.r2, chat.r1, "a", chat.users[1])  # same pair, sides swapped
+    store.add_comparison(chat.r1, chat.r2, "a", chat.users[2])
+    examples = examples_of(store)
+    assert [(p.chosen, p.rejected, p.support, p.against) for p in examples.pairs] == [("Four.", "4", 2, 1)]
+    assert examples.contradictions == 1
+
+
+def test_a_tie_in_count_keeps_the_first_direction(store, chat):
+    store.add_comparison(chat.r1, chat.r2, "a", chat.users[0])
+    store.add_comparison(chat.r1, chat.r2, "b", chat.users[1])
+    examples = examples_of(store)
+    assert [(p.chosen, p.support, p.against) for p in examples.pairs] == [("4", 1, 1)]
+    assert examples.contradictions == 1
+
+
+def test_contradicting_votes_on_one_reply_are_counted(store, chat):
+    store.set_vote(chat.r1, chat.users[0], 1)
+    store.set_vote(chat.r1, chat.users[1], 1)
+    store.set_vote(chat.r1, chat.users[2], -1)
+    examples = examples_of(store)
+    assert [(p.completion, p.label, p.support, p.against) for p in examples.pointwise] == [("4", 1, 2, 1)]
+    assert examples.contradictions == 1
+
+
+# -- snapshots --------------------------------------------------------------------
+
+
+def test_snapshot_excludes_rows_written_after_it(store, chat):
+    store.add_comparison(chat.r1, chat.r2, "a", chat.user)
+    snapshot = read_snapshot(store.path)
+    store.add_comparison(chat.r1, chat.r3, "a", chat.user)
+    store.set_vote(chat.r1, chat.user, 1)
+    assert directions(build_examples(snapshot)) == {("4", "Four.")}
+    assert snapshot.total_rows() == 1
+
+
+def test_id_range_covers_each_table_first_to_last(store, chat):
+    for _ in range(3):
+        store.add_comparison(chat.r1, chat.r2, "a", chat.user)
+    store.set_vote(chat.r1, chat.user, 1)
+    store.set_vote(chat.r1, chat.user, -1)
+    assert read_snapshot(store.path).id_range() == {
+        "votes": [1, 1], "vote_events": [1, 2], "comparisons": [1, 3], "corrections": [1, 0], "rankings": [1, 0],
+    }
+
+
+def test_since_reads_only_rows_after_an_earlier_snapshot(store, chat):
+    store.add_comparison(chat.r1, chat.r2, "a", chat.user)
+    first = read_snapshot(store.path)
+    store.add_comparison(chat.r1, chat.r3, "a", chat.user)
+    later = read_snapshot(store.path, since={t: last for t, (_, last) in first.id_range().items()})
+    assert [c["id"] for c in later.comparisons] == [2]
+    assert later.id_range()["comparisons"] == [2, 2]
+
+
+def test_since_includes_a_vote_changed_after_it(store, chat):
+    store.set_vote(chat.r1, chat.user, 1)
+    first = read_snapshot(store.path)
+    store.set_vote(chat.r1, chat.user, -1)
+    later = read_snapshot(store.path, since={t: last for t, (_, last) in first.id_range().items()})
+    assert [(v["reply_id"], v["value"]) for v in later.votes] == [(chat.r1, -1)]
+
+
+def test_since_beyond_the_database_is_refused(store, chat):
+    with pytest.raises(ValueError, match="another database"):
+        read_snapshot(store.path, since={"comparisons": 5})
+
+
+def test_snapshot_of_a_missing_database_creates_nothing(tmp_path):
+    with pytest.raises(StoreUnavailable):
+        read_snapshot(tmp_path / "missing.db")
+    assert not (tmp_path / "missing.db").exists()
+
+
+# -- split ------------------------------------------------------------------------
+
+
+def synthetic_examples(n_conversations: int = 200) -> Examples:
+    pairs, pointwise = [], []
+    for i in range(n_conversations):
+        conv = f"conv{i:04d}"
+        for turn in range(2):
+            prompt = (("user", f"question {i}"),) + (("assistant", "ok"), ("user", "more")) * turn
+            pairs.append(Pair(prompt, f"good {i}", f"bad {i}", conv, "comparison"))
+            pointwise.append(Pointwise(prompt, f"meh {i}", 0, conv, "thumbs"))
+    return Examples(pairs=pairs, pointwise=pointwise)
+
+
+def test_split_is_the_same_every_time():
+    examples = synthetic_examples()
+    assert split(examples, 0.2, "s") == split(examples, 0.2, "s")
+
+
+def test_split_does_not_depend_on_row_order():
+    examples = synthetic_examples()
+    shuffled = Examples(pairs=random.Random(0).sample(examples.pairs, len(examples.pairs)),
+                        pointwise=random.Random(1).sample(examples.pointwise, len(examples.pointwise)))
+    _, val = split(examples, 0.2, "s")
+    _, val_shuffled = split(shuffled, 0.2, "s")
+    assert set(val.pairs) == set(val_shuffled.pairs) and set(val.pointwise) == set(val_shuffled.pointwise)
+
+
+def test_split_puts_no_conversation_on_both_sides():
+    train, val = split(synthetic_examples(), 0.3, "s")
+    on_train, on_val = ({e.conversation_id for e in [*part.pairs, *part.pointwise]} for part in (train, val))
+    assert on_train and on_val
+    assert not on_train & on_val
+
+
+def test_split_sends_about_val_fraction_of_conversations_to_validation():
+    train, val = split(synthetic_examples(1000), 0.2, "s")
+    assert 0.15 < len(val.pairs) / (len(train.pairs) + len(val.pairs)) < 0.25
+
+
+def test_split_keeps_conversations_that_share_a_prompt_together(tmp_path):
+    lines = [{"chosen": f"\n\nHuman: question {i % 40}\n\nAssistant: good {i}",
+              "rejected": f"\n\nHuman: question {i % 40}\n\nAssistant: bad {i}"} for i in range(80)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        import_preferences(store, path, progress=False)
+    train, val = split(build_examples(read_snapshot(tmp_path / "feedback.db")), 0.5, "s")
+    assert val.pairs and train.pairs
+    assert not {p.prompt for p in train.pairs} & {p.prompt for p in val.pairs}
+
+
+def test_split_with_no_validation_keeps_everything_for_training():
+    examples = synthetic_examples(20)
+    train, val = split(examples, 0.0, "s")
+    assert (train.pairs, val.pairs) == (examples.pairs, [])
+
+
+def test_split_refuses_a_fraction_outside_0_1():
+    with pytest.raises(ValueError, match="val_fraction"):
+        split(synthetic_examples(5), 1.0, "s")
+
+
+# -- import rules -------------------------------------------------------------------
+
+
+def test_data_and_config_load_without_model_libraries():
+    code = ("import sys, trainer.data, trainer.config; "
+            "print(sorted({'torch', 'transformers', 'peft', 'bitsandbytes'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,282 @@
+"""Tests for trainer/reward.py: the losses and the Wilson interval against hand
+computations, last-token scoring under padding and truncation, fitting a preference
+with an obvious rule, which parameters a fit trains, refusing too little data,
+the on-disk round trip and its manifest, normalisation, and the nf4 path on CPU.
+
+Everything runs on the tiny seeded model from tests/tiny.py, offline, on CPU.
+Run: python -m pytest tests/test_reward.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from assistant.config import ModelArgs
+from trainer import reward
+from trainer.config import RewardArgs
+from trainer.data import Examples, Pair, Pointwise, prompt_messages
+
+FRUIT = "apple cherry grape lemon mango melon peach plum kiwi fig lime pear".split()
+TOPICS = "fruit snacks lunch breakfast dessert shopping garden market recipe picnic".split()
+FIT_ARGS = RewardArgs(reward_lr=3e-3, reward_epochs=2, reward_max_length=128, min_pairs=16)
+FEEDBACK_IDS = {"feedback": [1, 120], "comparisons": [1, 48]}
+
+
+def banana_pairs(n: int, seed: int) -> list[Pair]:
+    """Pairs whose chosen reply mentions banana and whose rejected reply does not."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        prompt = (("user", f"What should I pick for {rng.choice(TOPICS)}, take {seed}-{i}?"),)
+        if i % 3 == 0:
+            prompt = (("system", "You are a helpful assistant."),) + prompt
+        chosen = f"I suggest {' and '.join(rng.sample(FRUIT, 2))} and banana."
+        rejected = f"I suggest {' and '.join(rng.sample(FRUIT, 3))}."
+        pairs.append(Pair(prompt, chosen, rejected, f"conv-{seed}-{i}", "comparison"))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def model_args(tiny_dir) -> ModelArgs:
+    return ModelArgs(model=str(tiny_dir), quantize="none", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def train() -> Examples:
+    return Examples(pairs=banana_pairs(64, seed=1), counts={"comparison": 64})
+
+
+@pytest.fixture(scope="module")
+def fitted(model_args, train):
+    """(reward model, metrics) of one fit on 64 banana pairs, validated on 32 others."""
+    return reward.fit(model_args, FIT_ARGS, train, Examples(pairs=banana_pairs(32, seed=2)), progress=False)
+
+
+def manifest_for(metrics: dict, train: Examples) -> dict:
+    return {"feedback_ids": FEEDBACK_IDS, "counts": train.counts, "metrics": metrics, "reward_args": dataclasses.asdict(FIT_ARGS)}
+
+
+# -- pure math ---------------------------------------------------------------------
+
+
+def test_pairwise_loss_matches_hand_computation():
+    loss = reward.pairwise_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_pairwise_loss_applies_weights():
+    loss = reward.pairwise_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.5]))
+    expected = (math.log(1 + math.exp(-1)) + 0.5 * math.log(1 + math.exp(2))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_pointwise_loss_matches_hand_computation():
+    loss = reward.pointwise_loss(torch.tensor([2.0, -1.0]), torch.tensor([1, 1]))
+    expected = (-math.log(1 / (1 + math.exp(-2))) - math.log(1 / (1 + math.exp(1)))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_pointwise_loss_applies_weights():
+    loss = reward.pointwise_loss(torch.tensor([2.0, 0.5]), torch.tensor([0, 1]), torch.tensor([0.25, 1.0]))
+    expected = (0.25 * -math.log(1 - 1 / (1 + math.exp(-2))) - math.log(1 / (1 + math.exp(-0.5)))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_agreement_is_the_share_of_supporting_judgements():
+    pair = Pair((("user", "q"),), "a", "b", "c1", "comparison", support=3, against=1)
+    assert reward.agreement(pair) == 0.75
+    assert reward.agreement(dataclasses.replace(pair, support=1, against=0)) == 1.0
+
+
+def test_accuracy_ci_matches_known_wilson_values():
+    acc, lo, hi = reward.accuracy_ci(80, 100)
+    assert acc == 0.8
+    assert lo == pytest.approx(0.7112, abs=1e-4)
+    assert hi == pytest.approx(0.8666, abs=1e-4)
+
+
+def test_accuracy_ci_stays_inside_zero_one_when_perfect():
+    acc, lo, hi = reward.accuracy_ci(10, 10)
+    assert (acc, hi) == (1.0, 1.0)
+    assert lo == pytest.approx(0.7225, abs=1e-4)
+
+
+def test_accuracy_ci_with_no_examples_is_the_whole_interval():
+    acc, lo, hi = reward.accuracy_ci(0, 0)
+    assert math.isnan(acc)
+    assert (lo, hi) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "mask, expected",
+    [
+        ([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], [2, 4]),  # right padding
+        ([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]], [4, 4]),  # left padding
+    ],
+)
+def test_last_token_index_finds_the_last_real_token(mask, expected):
+    assert reward.last_token_index(torch.tensor(mask)).tolist() == expected
+
+
+# -- scoring -----------------------------------------------------------------------
+
+
+def test_scores_do_not_depend_on_batching(model_args):
+    rm = reward.build(model_args, FIT_ARGS)
+    pairs = banana_pairs(5, seed=3)
+    prompts = [prompt_messages(p.prompt) for p in pairs]
+    replies = [p.chosen + " extra words" * i for i, p in enumerate(pairs)]  # different lengths → padding
+    batched = rm.score(prompts, replies, batch_size=5, raw=True)
+    one_by_one = torch.cat([rm.score([p], [r], batch_size=1, raw=True) for p, r in zip(prompts, replies)])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+def test_long_inputs_are_cut_from_the_left_keeping_the_reply_end(model_args):
+    rm = reward.build(model_args, dataclasses.replace(FIT_ARGS, reward_max_length=32))
+    prompt = [{"role": "user", "content": "a very long question " * 20}]
+    ids = rm.encode(prompt, "the reply ends here")
+    full = rm.tokenizer(rm.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "the reply ends here"}], tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ids == full[-32:]
+    assert "the reply ends here" in rm.tokenizer.decode(ids)
+
+
+# -- fitting -----------------------------------------------------------------------
+
+
+def test_fit_learns_an_obvious_preference(fitted):
+    _, metrics = fitted
+    assert metrics["val_pairs"] == 32
+    assert metrics["val_accuracy"] >= 0.9
+    assert metrics["val_accuracy_lo"] <= metrics["val_accuracy"] <= metrics["val_accuracy_hi"]
+
+
+def test_fit_trains_lora_and_head_but_not_the_base(model_args, fitted):
+    fresh = reward.build(model_args, FIT_ARGS)  # same seed: the fit's starting point
+    before = fresh.model.state_dict()
+    after = fitted[0].model.state_dict()
+    lora = [n for n in after if "lora_" in n]
+    base = [n for n in after if "lora_" not in n]
+    assert lora and base
+    assert not [n for n in lora if torch.equal(before[n], after[n])]
+    assert not [n for n in base if not torch.equal(before[n], after[n])]
+    assert not torch.equal(fresh.head.weight, fitted[0].head.weight)
+
+
+def test_fit_is_seeded(model_args):
+    args, data = dataclasses.replace(FIT_ARGS, reward_epochs=1), Examples(pairs=banana_pairs(16, seed=9))
+    first, _ = reward.fit(model_args, args, data, Examples(), progress=False)
+    second, _ = reward.fit(model_args, args, data, Examples(), progress=False)
+    assert torch.equal(first.head.weight, second.head.weight)
+    after = second.model.state_dict()
+    assert all(torch.equal(t, after[n]) for n, t in first.model.state_dict().items() if "lora_" in n)
+
+
+def test_fit_refuses_too_few_examples(model_args):
+    small = Examples(pairs=banana_pairs(10, seed=4), pointwise=[Pointwise((("user", "q"),), "a", 1, "c", "thumbs")])
+    with pytest.raises(ValueError, match=r"need at least 16 .*have 11 .*python -m trainer import FILE"):
+        reward.fit(model_args, FIT_ARGS, small, Examples(), progress=False)
+
+
+def test_evaluate_pairs_counts_pairs_scored_in_the_right_order(fitted):
+    rm, _ = fitted
+    pairs = banana_pairs(8, seed=5)
+    flipped = [dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen) for p in pairs]
+    result = reward.evaluate_pairs(rm, pairs + flipped, batch_size=4)
+    prompts = [prompt_messages(p.prompt) for p in pairs]
+    r_banana = rm.score(prompts, [p.chosen for p in pairs], raw=True)
+    r_plain = rm.score(prompts, [p.rejected for p in pairs], raw=True)
+    correct = int((r_banana > r_plain).sum()) + int((r_plain > r_banana).sum())
+    assert result["n"] == 16
+    assert result["accuracy"] == correct / 16
+    assert (result["lo"], result["hi"]) == pytest.approx(reward.accuracy_ci(correct, 16)[1:])
+
+
+# -- normalisation and the on-disk format -----------------------------------------------
+
+
+def test_normalised_scores_on_the_reference_set_have_mean_0_and_std_1(fitted, train):
+    rm, _ = fitted
+    scores = rm.score(*reward.reference_set(train, FIT_ARGS.normalizer_size, FIT_ARGS.seed))
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std(correction=0).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_save_load_round_trip_gives_the_same_scores(fitted, model_args, tmp_path):
+    rm, metrics = fitted
+    version = reward.save(tmp_path, rm, manifest_for(metrics, Examples()))
+    loaded = reward.load(tmp_path, model_args, version)
+    pairs = banana_pairs(6, seed=6)
+    prompts, replies = [prompt_messages(p.prompt) for p in pairs], [p.chosen for p in pairs]
+    torch.testing.assert_close(loaded.score(prompts, replies), rm.score(prompts, replies))
+    assert (loaded.mean, loaded.std, loaded.n) == (rm.mean, rm.std, rm.n)
+
+
+def test_manifest_records_base_feedback_ids_counts_and_metrics(fitted, train, tmp_path, tiny_dir):
+    rm, metrics = fitted
+    version = reward.save(tmp_path, rm, manifest_for(metrics, train))
+    manifest = reward.read_manifest(tmp_path, version)
+    assert manifest["version"] == version
+    assert manifest["base_model"] == str(tiny_dir)
+    assert manifest["quantize"] == "none"
+    assert manifest["feedback_ids"] == FEEDBACK_IDS
+    assert manifest["counts"] == {"comparison": 64}
+    assert manifest["metrics"]["train_pairs"] == 64
+    assert manifest["metrics"]["val_accuracy"] == metrics["val_accuracy"]
+    assert manifest["reward_args"]["reward_lora_r"] == FIT_ARGS.reward_lora_r
+    assert manifest["normalizer"] == {"mean": rm.mean, "std": rm.std, "n": rm.n}
+    assert manifest["created_at"].endswith("Z")
+
+
+def test_versions_increment_and_no_temporary_directory_is_left(fitted, model_args, tmp_path):
+    rm, metrics = fitted
+    first = reward.save(tmp_path, rm, manifest_for(metrics, Examples()))
+    second = reward.save(tmp_path, rm, manifest_for(metrics, Examples()))
+    assert (first, second) == ("r000001", "r000002")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r000001", "r000002"]
+    assert reward.read_manifest(tmp_path, reward.versions(tmp_path)[-1])["version"] == "r000002"
+
+
+def test_load_without_a_version_takes_the_latest(fitted, model_args, tmp_path):
+    rm, metrics = fitted
+    reward.save(tmp_path, rm, manifest_for(metrics, Examples()))
+    reward.save(tmp_path, rm, manifest_for(metrics, Examples()))
+    assert reward.load(tmp_path, model_args).n == rm.n
+    assert reward.versions(tmp_path)[-1] == "r000002"
+
+
+def test_load_refuses_a_different_base_model(fitted, model_args, tmp_path):
+    rm, metrics = fitted
+    version = reward.save(tmp_path, rm, manifest_for(metrics, Examples()))
+    with pytest.raises(ValueError, match=r"trained on base .*--model is 'other/model'"):
+        reward.load(tmp_path, dataclasses.replace(model_args, model="other/model"), version)
+
+
+def test_load_refuses_an_incomplete_version(fitted, model_args, tmp_path):
+    rm, metrics = fitted
+    version = reward.save(tmp_path, rm, manifest_for(metrics, Examples()))
+    (tmp_path / version / reward.HEAD_FILE).unlink()
+    with pytest.raises(ValueError, match=r"incomplete: missing head.safetensors"):
+        reward.load(tmp_path, model_args, version)
+
+
+# -- nf4 on CPU -------------------------------------------------------------------------
+
+
+def test_nf4_fit_trains_and_scores(model_args):
+    args = dataclasses.replace(FIT_ARGS, reward_epochs=1)
+    rm, metrics = reward.fit(dataclasses.replace(model_args, quantize="nf4"), args, Examples(pairs=banana_pairs(16, seed=7)), Examples(), progress=False)
+    assert rm.quantize == "nf4"
+    assert isinstance(rm.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert metrics["steps"] == 2 and math.isfinite(metrics["train_loss"])
+    lora_b = [p for n, p in rm.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
+    pairs = banana_pairs(4, seed=8)
+    scores = rm.score([prompt_messages(p.prompt) for p in pairs], [p.chosen for p in pairs])
+    assert scores.shape == (4,) and torch.isfinite(scores).all()

@@ -1,0 +1,379 @@
+"""PPO on the policy's LoRA adapter against a reward function, the way the field does it.
+
+The top half is pure math on tensors (masked statistics, GAE, the clipped losses,
+KL estimators, the adaptive KL controller), each small enough to check against a
+slow reference. The bottom half is `ppo_iteration`, one numbered recipe:
+
+    (1) roll out responses from prompts with the policy
+    (2) score them with the reward model (missing-EOS penalty applied)
+    (3) per-token log-probs of the policy and of the reference (adapter disabled)
+    (4) rewards = score at the last token − kl_coef · KL per token
+    (5) values from the value head
+    (6) GAE advantages and returns; advantages whitened
+    (7) PPO epochs over mini-batches: clipped policy loss + vf_coef · clipped value loss,
+        gradient-norm clipping, non-finite checks
+
+Names follow TRL's former PPO trainer (`kl_coef`, `cliprange`, `cliprange_value`,
+`vf_coef`, `gamma`, `lam`) and its logged metrics (`objective/kl`, `policy/clipfrac`,
+...), so readers recognise every knob. The reference policy is the same base model
+with the adapter disabled; no second copy of the weights exists.
+
+What it is not: data loading or publishing (schedule.py and __main__.py do that).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------ pure math
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp_min(1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp_min(1.0)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise `x` to unit variance (and zero mean if `shift_mean`) over masked entries."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens.
+
+    rewards, values, mask: (B, T), mask 1 on response tokens (right-padded).
+    Returns (advantages, returns), both (B, T) and zero where mask is 0."""
+    values = values * mask
+    rewards = rewards * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < T else 0.0)
+        last = last * mask[:, t]
+        advantages[:, t] = last
+    returns = advantages + values
+    return advantages * mask, returns * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
+    """Clipped surrogate objective. All (B, T). Returns (loss, clipfrac, approxkl)."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
+    approxkl = 0.5 * masked_mean(log_ratio**2, mask)
+    return loss, clipfrac, approxkl
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float):
+    """Clipped value loss (PPO2). All (B, T). Returns (loss, clipfrac)."""
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), mask)
+    return loss, clipfrac
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate log p − log q (unbiased, can be negative)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate (r − 1) − log r with r = q/p (non-negative, low variance)."""
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """rewards (B, T) = −kl_coef · kl on every response token, plus the score on the last one."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(1) - 1).clamp_min(0).long()  # (B,)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(tokens) under logits scaled by the sampling temperature. logits (B, T, V), tokens (B, T)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    var_returns = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else float("nan")
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: move kl_coef so the observed KL tracks `target` over `horizon` samples."""
+
+    def __init__(self, init_kl_coef: float, target: float | None, horizon: int = 10000):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.target is None:  # fixed coefficient
+            return
+        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+class ValueHead(nn.Module):
+    """Scalar value per token from the policy's last hidden state."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
+        return self.summary(hidden.float()).squeeze(-1)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+@dataclass
+class PPOConfig:
+    """Knobs of one PPO iteration (the CLI's PPOArgs fill these in)."""
+
+    batch_size: int = 8  # prompts per iteration
+    mini_batch_size: int = 4
+    ppo_epochs: int = 2
+    lr: float = 1e-4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    init_kl_coef: float = 0.05
+    target_kl: float | None = 6.0  # adaptive controller target; None = fixed kl_coef
+    kl_horizon: int = 10000
+    kl_ceiling: float = 20.0  # mean sequence KL above this stops the run
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_grad_norm: float = 1.0
+    missing_eos_penalty: float | None = -1.0  # score given to replies that never emitted EOS
+    whiten_rewards: bool = False
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, logit or gradient was NaN/inf; the update was skipped and the run must stop."""
+
+
+@dataclass
+class Rollout:
+    queries: list[torch.Tensor]  # prompt ids, one (Tq,) tensor each
+    responses: torch.Tensor  # (B, T) response ids, right-padded with pad_id
+    mask: torch.Tensor  # (B, T) 1 on response tokens up to and including EOS
+    texts: list[str]
+    ended: torch.Tensor  # (B,) bool: emitted EOS
+
+
+def _batch_sequences(queries: list[torch.Tensor], responses: torch.Tensor, pad_id: int):
+    """Left-pad queries and append right-padded responses: (B, L) ids, attention mask, query width."""
+    width = max(len(q) for q in queries)
+    B, T = responses.shape
+    ids = torch.full((B, width + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, width + T), dtype=torch.long)
+    for i, q in enumerate(queries):
+        ids[i, width - len(q) : width] = q
+        attn[i, width - len(q) : width] = 1
+    ids[:, width:] = responses
+    return ids, attn, width
+
+
+def forward_logprobs(model, value_head, queries, responses, resp_mask, pad_id, temperature, with_values: bool):
+    """Per-token log-probs (B, T) of `responses` (and values (B, T), logits entropy) under `model`."""
+    ids, attn, width = _batch_sequences(queries, responses, pad_id)
+    ids, attn = ids.to(responses.device), attn.to(responses.device)
+    attn[:, width:] = resp_mask
+    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, output_hidden_states=with_values)
+    T = responses.shape[1]
+    logits = out.logits[:, width - 1 : width - 1 + T]  # (B, T, V): position t predicts response token t
+    logprobs = logprobs_from_logits(logits, responses, temperature)
+    values = value_head(out.hidden_states[-1][:, width - 1 : width - 1 + T]) if with_values else None
+    return logprobs, values, logits
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, queries: list[torch.Tensor], cfg: PPOConfig, eos_ids: set[int], pad_id: int) -> Rollout:
+    """(1) Sample responses from the policy (adapter on), batched with left padding."""
+    device = next(model.parameters()).device
+    ids, attn, width = _batch_sequences(queries, torch.zeros((len(queries), 0), dtype=torch.long), pad_id)
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=attn.to(device),
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=0,
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids),
+    )
+    responses = out[:, width:].cpu()
+    B, T = responses.shape
+    mask = torch.zeros((B, T), dtype=torch.long)
+    ended = torch.zeros(B, dtype=torch.bool)
+    for i in range(B):
+        n = T
+        for t in range(T):
+            if int(responses[i, t]) in eos_ids:
+                n, ended[i] = t + 1, True
+                break
+        mask[i, :n] = 1
+        responses[i, n:] = pad_id
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
+    return Rollout(queries, responses, mask, texts, ended)
+
+
+def degenerate(texts: list[str], responses: torch.Tensor, mask: torch.Tensor) -> int:
+    """Count empty replies and replies dominated by one repeated token."""
+    count = 0
+    for text, r, m in zip(texts, responses, mask):
+        toks = r[m.bool()].tolist()
+        if not text.strip():
+            count += 1
+        elif len(toks) >= 8 and max(toks.count(t) for t in set(toks)) / len(toks) > 0.5:
+            count += 1
+    return count
+
+
+def ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, reward_fn, cfg: PPOConfig, kl_ctl: AdaptiveKLController, eos_ids, pad_id):
+    """One numbered PPO iteration. `reward_fn(prompts, texts) -> (B,) scores`. Returns metrics."""
+    times = {}
+    device = next(model.parameters()).device
+    model.eval()  # dropout off for rollout, scoring and the update (the KL terms assume it)
+
+    # (1) roll out responses from prompts
+    t = time.perf_counter()
+    ro = rollout(model, tokenizer, queries, cfg, eos_ids, pad_id)
+    responses, mask = ro.responses.to(device), ro.mask.to(device)
+    times["time/rollout"] = time.perf_counter() - t
+
+    # (2) score with the reward model; replies that never ended get the missing-EOS penalty
+    t = time.perf_counter()
+    scores = reward_fn(prompts, ro.texts).to(device).float()  # (B,)
+    raw_scores = scores.clone()
+    if cfg.missing_eos_penalty is not None:
+        scores = torch.where(ro.ended.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    times["time/score"] = time.perf_counter() - t
+
+    # (3) per-token log-probs of policy and reference (adapter disabled), (5) values
+    t = time.perf_counter()
+    with torch.no_grad():
+        old_logprobs, old_values, logits = forward_logprobs(model, value_head, queries, responses, mask, pad_id, cfg.temperature, True)
+        entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mask.float())
+        with model.disable_adapter():
+            ref_logprobs, _, _ = forward_logprobs(model, value_head, queries, responses, mask, pad_id, cfg.temperature, False)
+    if not (torch.isfinite(old_logprobs).all() and torch.isfinite(ref_logprobs).all()):
+        raise NonFiniteError("non-finite log-probs in the rollout; update skipped")
+    fmask = mask.float()
+    kl = kl_k1(old_logprobs, ref_logprobs) * fmask  # (B, T)
+
+    # (4) rewards = score at the last token − kl_coef · KL per token
+    rewards = per_token_rewards(scores, kl, fmask, kl_ctl.value)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, fmask, shift_mean=False)
+
+    # (6) GAE advantages and returns; whitened advantages
+    advantages, returns = compute_gae(rewards, old_values, fmask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, fmask)
+    times["time/reference"] = time.perf_counter() - t
+
+    # (7) PPO epochs over mini-batches
+    t = time.perf_counter()
+    stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "vf_clipfrac": [], "approxkl": [], "ratio": []}
+    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    B = responses.shape[0]
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B)
+        for start in range(0, B, cfg.mini_batch_size):
+            idx = order[start : start + cfg.mini_batch_size]
+            mb_q = [queries[i] for i in idx.tolist()]
+            logprobs, values, _ = forward_logprobs(model, value_head, mb_q, responses[idx], mask[idx], pad_id, cfg.temperature, True)
+            m = fmask[idx]
+            pg, clipfrac, approxkl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, cfg.cliprange)
+            vf, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], m, cfg.cliprange_value)
+            loss = pg + cfg.vf_coef * vf
+            if not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError(f"non-finite loss ({float(loss)}); update skipped")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError("non-finite gradient norm; update skipped")
+            optimizer.step()
+            with torch.no_grad():
+                ratio = masked_mean(torch.exp(logprobs - old_logprobs[idx]), m)
+            for k, v in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac), ("approxkl", approxkl), ("ratio", ratio)):
+                stats[k].append(float(v))
+    times["time/update"] = time.perf_counter() - t
+
+    mean_kl = float((kl.sum(1)).mean())
+    kl_ctl.update(mean_kl, B)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    gen_tokens = int(mask.sum())
+    return {
+        "objective/scores": float(raw_scores.mean()),
+        "objective/scores_with_eos_penalty": float(scores.mean()),
+        "objective/kl": mean_kl,
+        "objective/kl_coef": kl_ctl.value,
+        "objective/entropy": float(entropy),
+        "policy/approxkl": mean(stats["approxkl"]),
+        "policy/clipfrac": mean(stats["clipfrac"]),
+        "loss/policy": mean(stats["pg_loss"]),
+        "loss/value": mean(stats["vf_loss"]),
+        "val/ratio": mean(stats["ratio"]),
+        "val/clipfrac": mean(stats["vf_clipfrac"]),
+        "val/explained_variance": explained_variance(old_values, returns, fmask),
+        "response/length": gen_tokens / B,
+        "response/ended": float(ro.ended.float().mean()),
+        "response/degenerate": degenerate(ro.texts, ro.responses, ro.mask),
+        "tokens_per_s/rollout": gen_tokens / max(times["time/rollout"], 1e-9),
+        **times,
+        "samples": ro.texts[:2],
+    }
+
+
+def kl_too_high(metrics: dict, cfg: PPOConfig) -> bool:
+    return math.isfinite(metrics["objective/kl"]) and metrics["objective/kl"] > cfg.kl_ceiling

@@ -1,0 +1,501 @@
+"""The reward model: build, loss, fit, score, normalise, save and load.
+
+The reward model is the policy's base model (same `--model`, same `--quantize`) with
+its own LoRA adapter and a scalar head on the last hidden state, all built through
+`assistant.model`:
+
+    text = apply_chat_template(prompt + [{"role": "assistant", "content": reply}])
+    r(prompt, reply) = head(h_last)     h_last: hidden state of the text's last token
+
+Long texts are cut from the left, so the end of the reply is always scored. It is
+fitted with the Bradley-Terry loss on preference pairs plus a logistic loss on
+pointwise (thumbs) labels; after fitting, scores are normalised to mean 0 and std 1
+over the training replies, so PPO sees the same scale from one refit to the next.
+
+On disk, one directory per fit, numbered like adapters:
+
+    data/reward/r000001/
+        adapter_config.json, adapter_model.safetensors   the peft LoRA adapter
+        head.safetensors                                  the scalar head: weight (1, H), bias (1,)
+        normalizer.json                                   {"mean", "std", "n"} of raw scores on the reference set
+        manifest.json                                     base model, quantisation, feedback ids, counts, metrics, args, times
+
+What it does not do: read the feedback store or split data (data.py), run PPO
+(ppo.py), or decide when to refit (schedule.py).
+
+Run its tests: python -m pytest tests/test_reward.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from assistant.config import ModelArgs
+from assistant.model import backbone, load_base, lora_config, resolve_device, resolve_quantize, scalar_head
+from trainer.config import RewardArgs
+from trainer.data import Examples, Pair, Pointwise, prompt_messages
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "reward"  # peft name of the reward model's adapter
+HEAD_FILE = "head.safetensors"
+NORMALIZER_FILE = "normalizer.json"
+MANIFEST_FILE = "manifest.json"
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE, NORMALIZER_FILE, MANIFEST_FILE)
+VERSION_RE = re.compile(r"^r\d{6}$")
+STD_FLOOR = 1e-6  # a reference set that scores all alike is centred, not blown up
+
+
+# -- pure math -------------------------------------------------------------------
+
+
+def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """mean(w · loss): a weight of 1 everywhere is the plain mean."""
+    if weights is None:
+        return losses.mean()
+    return (weights.to(losses) * losses).mean()
+
+
+def pairwise_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry: mean over pairs of w · −log σ(r_chosen − r_rejected).
+
+    rewards_chosen, rewards_rejected, weights: (B,) → scalar."""
+    losses = -F.logsigmoid(rewards_chosen - rewards_rejected)  # (B,)
+    return _weighted_mean(losses, weights)
+
+
+def pointwise_loss(rewards: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Logistic (binary cross-entropy with logits): the reward is the log-odds that a
+    reply is good. Mean over examples of w · BCE(r, label).
+
+    rewards, labels (0 or 1), weights: (B,) → scalar."""
+    losses = F.binary_cross_entropy_with_logits(rewards, labels.to(rewards.dtype), reduction="none")  # (B,)
+    return _weighted_mean(losses, weights)
+
+
+def agreement(example: Pair | Pointwise) -> float:
+    """Example weight: support / (support + against), the share of judgements that
+    agree with it. 1 for a unanimous judgement, 0.75 for three-to-one, 0.5 for a tie."""
+    total = example.support + example.against
+    return example.support / total if total > 0 else 1.0
+
+
+def accuracy_ci(correct: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """(accuracy, lo, hi): the accuracy and its 95% Wilson score interval.
+
+    Wilson rather than the normal approximation, so the interval stays inside [0, 1]
+    and is honest for the small validation sets feedback gives. n = 0 → (nan, 0, 1)."""
+    if n == 0:
+        return float("nan"), 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each row's last real token, for right- or left-padded batches.
+
+    attention_mask: (B, T) of 0/1 → (B,) long."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
+    return (positions * attention_mask.long()).amax(dim=1)  # (B,)
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (input_ids, attention_mask), both (B, T)."""
+    longest = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(seqs), longest), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, : len(s)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+# -- the model -------------------------------------------------------------------
+
+
+@dataclass
+class RewardModel:
+    """Base + reward LoRA adapter + scalar head, with the normalisation of its scores.
+
+    `mean`/`std` are those of raw scores over the reference set (`n` replies; n = 0
+    means not yet normalised, i.e. mean 0 and std 1)."""
+
+    model: PeftModel
+    head: torch.nn.Linear
+    tokenizer: object
+    model_name: str
+    quantize: str
+    max_length: int
+    mean: float = 0.0
+    std: float = 1.0
+    n: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def encode(self, prompt: list[dict], reply: str) -> list[int]:
+        """Token ids of the chat-templated prompt + reply, cut from the left to max_length."""
+        messages = list(prompt) + [{"role": "assistant", "content": reply}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[-self.max_length :]
+
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw scores of a padded batch, differentiable: (B, T), (B, T) → (B,) float32."""
+        hidden = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+        last = last_token_index(attention_mask)  # (B,)
+        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.head(h_last.float()).squeeze(-1)  # (B,)
+
+    def score_ids(self, seqs: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+        """Raw scores of token lists, batched longest-first to waste little padding: (B,) on CPU.
+
+        Puts the model in eval mode (dropout off) and leaves it there."""
+        self.model.eval()
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = torch.empty(len(seqs), dtype=torch.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                input_ids, attention_mask = pad_right([seqs[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+                out[idx] = self.rewards(input_ids, attention_mask).float().cpu()
+        return out
+
+    def score(self, prompts: list[list[dict]], replies: list[str], batch_size: int = 16, raw: bool = False) -> torch.Tensor:
+        """Score each (prompt, reply): (B,) float32 on CPU.
+
+        `prompts[i]` is the conversation before the reply, as [{role, content}, ...].
+        Normalised (mean 0, std 1 on the reference set) unless raw=True."""
+        if len(prompts) != len(replies):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(replies)} replies")
+        if not replies:
+            return torch.empty(0)
+        scores = self.score_ids([self.encode(p, r) for p, r in zip(prompts, replies)], batch_size)  # (B,)
+        return scores if raw else (scores - self.mean) / self.std
+
+
+def _reward_lora(model_args: ModelArgs, reward_args: RewardArgs):
+    """The policy's LoRA recipe (target modules, dropout) at the reward model's rank and alpha."""
+    return lora_config(dataclasses.replace(model_args, lora_r=reward_args.reward_lora_r, lora_alpha=reward_args.reward_lora_alpha))
+
+
+def build(model_args: ModelArgs, reward_args: RewardArgs) -> RewardModel:
+    """A fresh, untrained reward model (seeded): base + new LoRA adapter + new head.
+
+    A quantised base goes through peft's `prepare_model_for_kbit_training` (freezes it
+    and casts its non-quantised weights to float32 for stable LoRA gradients), without
+    gradient checkpointing, which would recompute every layer during the backward pass
+    to save activation memory that reward-model batches rarely need."""
+    tokenizer, base = load_base(model_args)
+    quantize = resolve_quantize(model_args.quantize, resolve_device(model_args.device))
+    if quantize in ("nf4", "int8"):
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    torch.manual_seed(reward_args.seed)
+    model = get_peft_model(base, _reward_lora(model_args, reward_args), adapter_name=ADAPTER)
+    head = scalar_head(model)
+    model.eval()
+    return RewardModel(model, head, tokenizer, model_args.model, quantize, reward_args.reward_max_length)
+
+
+# -- evaluation ------------------------------------------------------------------
+
+
+def _pair_scores(rm: RewardModel, pairs: list[Pair], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (rewards_chosen, rewards_rejected), each (P,), from one longest-first scoring pass."""
+    seqs = [rm.encode(prompt_messages(p.prompt), p.chosen) for p in pairs] + [rm.encode(prompt_messages(p.prompt), p.rejected) for p in pairs]
+    scores = rm.score_ids(seqs, batch_size)  # (2P,)
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def evaluate_pairs(reward_model: RewardModel, pairs: list[Pair], batch_size: int = 16) -> dict:
+    """Pairwise accuracy (r_chosen > r_rejected) with its 95% Wilson interval, and the
+    agreement-weighted Bradley-Terry loss, on raw scores. No pairs → accuracy and loss None."""
+    if not pairs:
+        return {"accuracy": None, "lo": 0.0, "hi": 1.0, "n": 0, "loss": None}
+    rewards_chosen, rewards_rejected = _pair_scores(reward_model, pairs, batch_size)
+    weights = torch.tensor([agreement(p) for p in pairs])
+    correct = int((rewards_chosen > rewards_rejected).sum())
+    acc, lo, hi = accuracy_ci(correct, len(pairs))
+    loss = pairwise_loss(rewards_chosen, rewards_rejected, weights)
+    return {"accuracy": acc, "lo": lo, "hi": hi, "n": len(pairs), "loss": float(loss)}
+
+
+def evaluate_pointwise(reward_model: RewardModel, items: list[Pointwise], batch_size: int = 16) -> dict:
+    """Accuracy of sign(r) against the labels and the agreement-weighted logistic loss, on raw scores."""
+    if not items:
+        return {"accuracy": None, "n": 0, "loss": None}
+    rewards = reward_model.score_ids([reward_model.encode(prompt_messages(x.prompt), x.completion) for x in items], batch_size)  # (N,)
+    labels = torch.tensor([float(x.label) for x in items])  # (N,)
+    weights = torch.tensor([agreement(x) for x in items])
+    correct = int(((rewards > 0).float() == labels).sum())
+    return {"accuracy": correct / len(items), "n": len(items), "loss": float(pointwise_loss(rewards, labels, weights))}
+
+
+def reference_set(examples: Examples, cap: int = 512, seed: int = 0) -> tuple[list[list[dict]], list[str]]:
+    """The replies the normalisation is measured on: every distinct (prompt, reply) among
+    the chosen, rejected and pointwise replies, a seeded sample of `cap` when there are more."""
+    seen: dict[tuple, None] = {}
+    for p in examples.pairs:
+        seen[(p.prompt, p.chosen)] = None
+        seen[(p.prompt, p.rejected)] = None
+    for x in examples.pointwise:
+        seen[(x.prompt, x.completion)] = None
+    keys = list(seen)
+    if len(keys) > cap:
+        keys = [keys[i] for i in sorted(random.Random(seed).sample(range(len(keys)), cap))]
+    return [prompt_messages(prompt) for prompt, _ in keys], [reply for _, reply in keys]
+
+
+def normalize(reward_model: RewardModel, prompts: list[list[dict]], replies: list[str], batch_size: int = 16) -> None:
+    """Set the model's mean/std to those of its raw scores on (prompts, replies)."""
+    raw = reward_model.score(prompts, replies, batch_size, raw=True)  # (N,)
+    reward_model.mean = float(raw.mean())
+    reward_model.std = max(float(raw.std(correction=0)), STD_FLOOR)
+    reward_model.n = len(replies)
+
+
+# -- fitting ---------------------------------------------------------------------
+
+
+def _batch_loss(rm: RewardModel, batch: list, pointwise_weight: float) -> tuple[torch.Tensor, int, int]:
+    """Loss of one mixed batch of encoded examples, in one forward pass: chosen,
+    rejected and pointwise sequences concatenated along the batch.
+
+    Items are ("pair", ids_chosen, ids_rejected, weight) or ("point", ids, label, weight).
+    Returns (loss, correct pairs, pairs)."""
+    pairs = [b for b in batch if b[0] == "pair"]
+    points = [b for b in batch if b[0] == "point"]
+    seqs = [b[1] for b in pairs] + [b[2] for b in pairs] + [b[1] for b in points]
+    input_ids, attention_mask = pad_right(seqs, rm.tokenizer.pad_token_id, rm.device)  # (2P + Q, T)
+    rewards = rm.rewards(input_ids, attention_mask)  # (2P + Q,)
+    rewards_chosen, rewards_rejected, rewards_point = rewards.split([len(pairs), len(pairs), len(points)])
+    loss = rewards.new_zeros(())
+    correct = 0
+    if pairs:
+        loss = loss + pairwise_loss(rewards_chosen, rewards_rejected, torch.tensor([b[3] for b in pairs]))
+        correct = int((rewards_chosen > rewards_rejected).sum())
+    if points:
+        labels = torch.tensor([float(b[2]) for b in points], device=rm.device)
+        loss = loss + pointwise_weight * pointwise_loss(rewards_point, labels, torch.tensor([b[3] for b in points]))
+    return loss, correct, len(pairs)
+
+
+def check_enough(train: Examples, min_pairs: int) -> None:
+    """Refuse to fit on fewer than `min_pairs` training examples (pairs + pointwise labels)."""
+    have = len(train.pairs) + len(train.pointwise)
+    if have < min_pairs:
+        raise ValueError(
+            f"need at least {min_pairs} training pairs or pointwise labels to fit a reward model (--min-pairs), "
+            f"have {have} ({len(train.pairs)} pairs, {len(train.pointwise)} pointwise); "
+            "collect more feedback or import a preference file with `python -m trainer import FILE`"
+        )
+
+
+def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Examples, progress: bool = True) -> tuple[RewardModel, dict]:
+    """Fit a fresh reward model on `train`, normalise it, evaluate it on `val`.
+
+    AdamW on the LoRA and head parameters only (the base stays frozen), seeded
+    shuffling, one optimiser step per `reward_batch_size` examples (a pair or a
+    pointwise label each), loss = pairwise + pointwise_weight × pointwise.
+    Returns (model in eval mode, metrics):
+
+    train_pairs, train_pointwise, val_pairs, val_pointwise   examples of each sort
+    train_examples_by_kind   training examples by feedback kind (comparison, thumbs, ...)
+    train_loss               mean loss over the last epoch's steps, measured while training
+    train_accuracy           share of the last epoch's pairs with r_chosen > r_rejected, while training
+    val_loss                 the same loss on `val` after fitting, dropout off (None without val data)
+    val_accuracy, _lo, _hi   validation pairwise accuracy and its 95% Wilson interval
+    val_pointwise_accuracy   share of validation labels whose reward sign matches the label
+    steps                    optimiser steps
+    pairs_per_s              training examples (a pair or a label each) per second of the optimiser loop
+    train_seconds, seconds   the optimiser loop; the whole fit with loading, normalising, validating
+    normalizer               {mean, std, n} of raw scores on the reference set
+    """
+    check_enough(train, reward_args.min_pairs)
+    started = time.perf_counter()
+    rm = build(model_args, reward_args)
+    params = [p for p in rm.model.parameters() if p.requires_grad] + list(rm.head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=reward_args.reward_lr)
+
+    items = [("pair", rm.encode(prompt_messages(p.prompt), p.chosen), rm.encode(prompt_messages(p.prompt), p.rejected), agreement(p)) for p in train.pairs]
+    items += [("point", rm.encode(prompt_messages(x.prompt), x.completion), x.label, agreement(x)) for x in train.pointwise]
+    bs = reward_args.reward_batch_size
+    steps_per_epoch = math.ceil(len(items) / bs)
+    rng = random.Random(reward_args.seed)
+
+    rm.model.train()
+    loop_started = time.perf_counter()
+    bar = tqdm(total=steps_per_epoch * reward_args.reward_epochs, desc="reward model", unit="step", disable=not progress)
+    for epoch in range(reward_args.reward_epochs):
+        rng.shuffle(items)
+        epoch_loss, epoch_correct, epoch_pairs = 0.0, 0, 0
+        for start in range(0, len(items), bs):
+            loss, correct, n_pairs = _batch_loss(rm, items[start : start + bs], reward_args.pointwise_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"reward-model loss is {float(loss)} at epoch {epoch + 1}, step {start // bs + 1}; lower --reward-lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, reward_args.reward_max_grad_norm)
+            optimizer.step()
+            step_loss = loss.detach().item()
+            epoch_loss += step_loss
+            epoch_correct += correct
+            epoch_pairs += n_pairs
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.3f}", acc=f"{epoch_correct / max(epoch_pairs, 1):.2f}")
+    bar.close()
+    train_seconds = time.perf_counter() - loop_started
+    rm.model.eval()
+
+    normalize(rm, *reference_set(train, reward_args.normalizer_size, reward_args.seed), reward_args.reward_eval_batch_size)
+    val_pairs = evaluate_pairs(rm, val.pairs, reward_args.reward_eval_batch_size)
+    val_points = evaluate_pointwise(rm, val.pointwise, reward_args.reward_eval_batch_size)
+    val_loss = None
+    if val_pairs["n"] or val_points["n"]:
+        val_loss = (val_pairs["loss"] or 0.0) + reward_args.pointwise_weight * (val_points["loss"] or 0.0)
+    metrics = {
+        "train_pairs": len(train.pairs),
+        "train_pointwise": len(train.pointwise),
+        "val_pairs": len(val.pairs),
+        "val_pointwise": len(val.pointwise),
+        "train_examples_by_kind": dict(Counter(x.kind for x in [*train.pairs, *train.pointwise])),
+        "train_loss": epoch_loss / steps_per_epoch,
+        "train_accuracy": epoch_correct / epoch_pairs if epoch_pairs else None,
+        "val_loss": val_loss,
+        "val_accuracy": val_pairs["accuracy"],
+        "val_accuracy_lo": val_pairs["lo"],
+        "val_accuracy_hi": val_pairs["hi"],
+        "val_pointwise_accuracy": val_points["accuracy"],
+        "steps": steps_per_epoch * reward_args.reward_epochs,
+        "pairs_per_s": len(items) * reward_args.reward_epochs / train_seconds,
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - started,
+        "normalizer": {"mean": rm.mean, "std": rm.std, "n": rm.n},
+    }
+    return rm, metrics
+
+
+# -- on disk ---------------------------------------------------------------------
+
+
+def versions(reward_dir: str | Path) -> list[str]:
+    """Saved reward-model versions, oldest first."""
+    d = Path(reward_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(reward_dir: str | Path, reward_model: RewardModel, manifest: dict) -> str:
+    """Write `reward_model` as the next version rNNNNNN under `reward_dir`; returns it.
+
+    The caller's `manifest` should carry what only it knows: `feedback_ids` (the id
+    range per feedback table used), `counts` (feedback rows by kind), `metrics` (from
+    fit) and `reward_args`. This adds version, created_at, base_model, quantize,
+    max_length and the normaliser. Written under a temporary name, fsynced, renamed."""
+    d = Path(reward_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    existing = versions(d)
+    version = f"r{int(existing[-1][1:]) + 1 if existing else 1:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=d, prefix=f".{version}."))
+    try:
+        reward_model.model.save_pretrained(str(tmp), selected_adapters=[ADAPTER])
+        nested = tmp / ADAPTER  # peft nests adapters not named 'default'
+        if nested.is_dir():
+            for f in nested.iterdir():
+                os.replace(f, tmp / f.name)
+            nested.rmdir()
+        head = reward_model.head
+        save_file({"weight": head.weight.detach().float().cpu().contiguous(), "bias": head.bias.detach().float().cpu().contiguous()}, str(tmp / HEAD_FILE))
+        normalizer = {"mean": reward_model.mean, "std": reward_model.std, "n": reward_model.n}
+        (tmp / NORMALIZER_FILE).write_text(json.dumps(normalizer, indent=2))
+        full = {
+            **manifest,
+            "version": version,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base_model": reward_model.model_name,
+            "quantize": reward_model.quantize,
+            "max_length": reward_model.max_length,
+            "normalizer": normalizer,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, default=str))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, d / version)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(d)
+    return version
+
+
+def read_manifest(reward_dir: str | Path, version: str) -> dict:
+    return json.loads((Path(reward_dir) / version / MANIFEST_FILE).read_text())
+
+
+def load(reward_dir: str | Path, model_args: ModelArgs, version: str | None = None) -> RewardModel:
+    """Load a saved reward model (None = the latest) on the base `model_args` names.
+
+    Refuses, before loading any weights, a version that is incomplete or was trained
+    on a different base model."""
+    d = Path(reward_dir)
+    if version is None:
+        saved = versions(d)
+        if not saved:
+            raise FileNotFoundError(f"no reward model under {d}; fit one first")
+        version = saved[-1]
+    path = d / version
+    if not VERSION_RE.match(version) or not path.is_dir():
+        raise FileNotFoundError(f"no reward model {version!r} under {d} (have: {', '.join(versions(d)) or 'none'})")
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"reward model {version} is incomplete: missing {', '.join(missing)}")
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    if manifest["base_model"] != model_args.model:
+        raise ValueError(f"reward model {version} was trained on base {manifest['base_model']!r}, but --model is {model_args.model!r}; refit the reward model on this base")
+    tokenizer, base = load_base(model_args)
+    quantize = resolve_quantize(model_args.quantize, resolve_device(model_args.device))
+    if quantize != manifest["quantize"]:
+        log.warning("reward model %s was fitted on a %s base and is loaded on a %s one; scores shift slightly", version, manifest["quantize"], quantize)
+    model = PeftModel.from_pretrained(base, str(path), adapter_name=ADAPTER, is_trainable=False)
+    head = scalar_head(model)
+    state = load_file(str(path / HEAD_FILE))
+    if tuple(state["weight"].shape) != tuple(head.weight.shape):
+        raise ValueError(f"reward model {version}: head shape {tuple(state['weight'].shape)} does not fit the base's {tuple(head.weight.shape)}")
+    head.load_state_dict({k: v.to(head.weight) for k, v in state.items()})
+    head.requires_grad_(False)
+    normalizer = json.loads((path / NORMALIZER_FILE).read_text())
+    model.eval()
+    return RewardModel(model, head, tokenizer, model_args.model, quantize, manifest["max_length"], normalizer["mean"], normalizer["std"], normalizer["n"])
