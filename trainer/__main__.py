@@ -3,6 +3,7 @@
     python -m trainer import FILE.jsonl          # HH-RLHF or TRL preference pairs -> comparisons (idempotent)
     python -m trainer reward                     # refit the reward model on the feedback store
     python -m trainer reward-eval FILE.jsonl [--reward r000001]   # accuracy on any preference file
+    python -m trainer ppo                        # PPO on the served adapter -> a candidate adapter (not promoted)
     python -m trainer <command> --help           # every setting of that command
 
 Settings are flags (dataclasses in assistant/config.py and trainer/config.py);
@@ -20,22 +21,35 @@ import time
 from pathlib import Path
 
 from assistant.config import ModelArgs, add_args, from_args
-from trainer.config import DataArgs, RewardArgs
+from trainer.config import DataArgs, PPOArgs, RewardArgs
 
 log = logging.getLogger("trainer")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def cmd_import(ns: argparse.Namespace) -> int:
-    from assistant.feedback import FeedbackStore
+    from assistant.feedback import FeedbackStore, StoreUnavailable
     from trainer.data import import_preferences
 
     path = Path(ns.file)
     if not path.is_file():
         print(f"error: {path}: no such file", file=sys.stderr)
         return 2
-    store = FeedbackStore(ns.db)
-    report = import_preferences(store, path)
-    store.close()
+    try:
+        with FeedbackStore(ns.db) as store:
+            report = import_preferences(store, path)
+    except StoreUnavailable as exc:
+        print(f"error: --db: {exc}", file=sys.stderr)
+        return 2
     print(f"{path.name}: {report.added} pairs added, {report.skipped} already present, {len(report.errors)} bad lines")
     for line_no, err in report.errors[:20]:
         print(f"  line {line_no}: {err}")
@@ -70,10 +84,15 @@ def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
 
 
 def cmd_reward(ns: argparse.Namespace) -> int:
+    from assistant.feedback import StoreUnavailable
+
     model_args, data_args, reward_args = ns.model_args, ns.data_args, ns.reward_args
     try:
         version, manifest = fit_reward(model_args, data_args, reward_args)
-    except ValueError as exc:
+    except StoreUnavailable as exc:
+        print(f"error: --db: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     m = manifest["metrics"]
@@ -117,6 +136,70 @@ def cmd_reward_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, progress: bool = True, reward_fn=None):
+    """PPO from the served adapter against a reward model; publishes a candidate. Returns (version, manifest).
+
+    `reward_fn(prompts, texts) -> (B,) scores` replaces the reward model (scripted rewards)."""
+    from assistant import adapters
+    from trainer import ppo, reward
+    from trainer.data import default_prompts, read_snapshot, recent_prompts
+
+    started = time.perf_counter()
+    reward_version = None
+    if reward_fn is None:
+        saved = reward.versions(reward_args.reward_dir)
+        reward_version = ppo_args.reward or (saved[-1] if saved else None)
+        if reward_version is None:
+            raise ValueError(f"--reward-dir {reward_args.reward_dir}: no reward model yet; fit one with `python -m trainer reward`")
+        rm = reward.load(reward_args.reward_dir, model_args, reward_version)
+
+        def reward_fn(prompts, texts):
+            return rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
+
+    from_store = recent_prompts(data_args.db, ppo_args.max_prompts)
+    prompts = from_store if len(from_store) >= ppo_args.ppo_batch_size else from_store + default_prompts()
+    feedback_ids = read_snapshot(data_args.db).id_range() if Path(data_args.db).exists() else {}
+    parent = adapters.read_current(ppo_args.adapters_dir)
+    parent_dir = None if parent == "base" else Path(ppo_args.adapters_dir) / parent
+    model, tokenizer = ppo.build_trainable_policy(model_args, parent_dir)
+    cfg = ppo.config_from(ppo_args)
+    _, history, stop = ppo.train(model, tokenizer, prompts, reward_fn, cfg, ppo_args.ppo_iterations, seed=ppo_args.ppo_seed,
+                                 prompt_max_tokens=ppo_args.prompt_max_tokens, progress=progress, log=log.info)
+    manifest = {
+        "kind": "ppo",
+        "parent": parent,
+        "reward_model": reward_version or "scripted",
+        "feedback_ids": feedback_ids,
+        "prompts": {"from_store": len(from_store), "default": len(prompts) - len(from_store)},
+        "base_model": model_args.model,
+        "quantize": model_args.quantize,
+        "ppo_args": vars(ppo_args),
+        "stop_reason": stop,
+        "metrics": history,
+        "seconds": time.perf_counter() - started,
+    }
+    version = adapters.publish(ppo_args.adapters_dir, model, ppo.POLICY_ADAPTER, manifest)
+    return version, manifest
+
+
+def cmd_ppo(ns: argparse.Namespace) -> int:
+    from trainer.ppo import NonFiniteError
+
+    try:
+        version, manifest = run_ppo(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:
+        print(f"error: PPO aborted, no candidate written: {exc}", file=sys.stderr)
+        return 1
+    last = manifest["metrics"][-1]
+    print(f"candidate adapter {version} written to {ns.ppo_args.adapters_dir} (parent {manifest['parent']}, reward model {manifest['reward_model']}); "
+          f"not promoted. {len(manifest['metrics'])} iterations, stop: {manifest['stop_reason']}; "
+          f"last objective/scores {last['objective/scores']:.3f}, objective/kl {last['objective/kl']:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,15 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_args(p, ModelArgs, "base model")
     add_args(p, DataArgs, "data")
     add_args(p, RewardArgs, "reward model")
-    p.set_defaults(func=cmd_reward, needs=(ModelArgs, DataArgs, RewardArgs))
+    p.set_defaults(func=cmd_reward, needs=(ModelArgs, DataArgs, RewardArgs), subparser=p)
 
     p = sub.add_parser("reward-eval", help="pairwise accuracy (95%% CI) of a reward model on a preference file")
     p.add_argument("file", help="JSONL file of preference pairs (HH-RLHF or TRL format)")
     p.add_argument("--reward", default=None, help="reward-model version, e.g. r000001 (default: the latest)")
-    p.add_argument("--limit", type=int, default=0, help="score only the first N pairs (0 = all)")
+    p.add_argument("--limit", type=_non_negative_int, default=0, help="score only the first N pairs (0 = all)")
     add_args(p, ModelArgs, "base model")
     add_args(p, RewardArgs, "reward model")
-    p.set_defaults(func=cmd_reward_eval, needs=(ModelArgs, RewardArgs))
+    p.set_defaults(func=cmd_reward_eval, needs=(ModelArgs, RewardArgs), subparser=p)
+
+    p = sub.add_parser("ppo", help="PPO on the served adapter against the latest reward model; writes a candidate adapter")
+    add_args(p, ModelArgs, "base model")
+    add_args(p, DataArgs, "data")
+    add_args(p, RewardArgs, "reward model")
+    add_args(p, PPOArgs, "ppo")
+    p.set_defaults(func=cmd_ppo, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs))
     return parser
 
 
@@ -146,12 +236,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     ns = parser.parse_args(argv)
-    names = {ModelArgs: "model_args", DataArgs: "data_args", RewardArgs: "reward_args"}
+    names = {ModelArgs: "model_args", DataArgs: "data_args", RewardArgs: "reward_args", PPOArgs: "ppo_args"}
     try:
         for cls in getattr(ns, "needs", ()):
             setattr(ns, names[cls], from_args(cls, ns))
     except ValueError as exc:
-        parser.error(str(exc))
+        getattr(ns, "subparser", parser).error(str(exc))  # usage of the subcommand, then exit 2
     return ns.func(ns)
 
 

@@ -51,3 +51,43 @@ class RewardArgs:
             raise ValueError(f"--pointwise-weight must be >= 0, got {self.pointwise_weight}")
         if self.reward_max_grad_norm <= 0:
             raise ValueError(f"--reward-max-grad-norm must be positive, got {self.reward_max_grad_norm}")
+
+
+@dataclass
+class PPOArgs:
+    adapters_dir: str = _f("data/adapters", "where candidate adapters (vNNNNNN/) are published")
+    reward: str = _f("", "reward-model version to optimise against (default: the latest under --reward-dir)")
+    ppo_iterations: int = _f(4, "PPO iterations (rollout → score → update) per run")
+    ppo_batch_size: int = _f(8, "prompts rolled out per iteration")
+    mini_batch_size: int = _f(4, "rollouts per gradient step")
+    ppo_epochs: int = _f(2, "passes over each iteration's rollouts")
+    ppo_lr: float = _f(1e-4, "AdamW learning rate of the policy LoRA and the value head")
+    max_new_tokens: int = _f(48, "reply length cap during rollouts")
+    temperature: float = _f(1.0, "sampling temperature of rollouts (log-probs are scaled by it too)")
+    init_kl_coef: float = _f(0.05, "initial β of the per-token KL penalty")
+    target_kl: float = _f(6.0, "KL (nats per reply) the adaptive controller steers to; 0 = keep β fixed")
+    kl_ceiling: float = _f(20.0, "stop the run early when mean KL per reply exceeds this")
+    cliprange: float = _f(0.2, "PPO ratio clip")
+    cliprange_value: float = _f(0.2, "value-function clip")
+    vf_coef: float = _f(0.1, "weight of the value loss")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE λ")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip")
+    missing_eos_penalty: float = _f(-1.0, "score given to rollouts that hit the length cap without EOS")
+    max_prompts: int = _f(256, "most distinct prompts taken from the store (most recent first)")
+    prompt_max_tokens: int = _f(256, "prompts longer than this (in tokens) are skipped")
+    ppo_seed: int = _f(0, "random seed of prompt sampling, rollouts and initialisation")
+
+    def validate(self) -> None:
+        for name in ("ppo_iterations", "ppo_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompts", "prompt_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.mini_batch_size > self.ppo_batch_size:
+            raise ValueError(f"--mini-batch-size ({self.mini_batch_size}) must not exceed --ppo-batch-size ({self.ppo_batch_size})")
+        for name in ("ppo_lr", "temperature", "cliprange", "cliprange_value", "kl_ceiling", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.init_kl_coef < 0 or self.target_kl < 0:
+            raise ValueError("--init-kl-coef and --target-kl must be >= 0")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError("--gamma and --lam must be in [0, 1]")

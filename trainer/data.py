@@ -502,3 +502,40 @@ def import_preferences(store: FeedbackStore, path: str | os.PathLike, *, progres
                 else:
                     report.skipped += 1
     return report
+
+
+# -- prompts for PPO rollouts ------------------------------------------------------
+
+DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
+
+
+def default_prompts() -> list[list[dict]]:
+    """The project's own small cold-start prompt set (one user message each)."""
+    lines = [line.strip() for line in DEFAULT_PROMPTS.read_text().splitlines()]
+    return [[{"role": "user", "content": line}] for line in lines if line]
+
+
+def recent_prompts(db_path: str | os.PathLike, max_prompts: int) -> list[list[dict]]:
+    """Contexts people actually sent (the prompt each stored reply answered),
+    deduplicated, most recent first, at most `max_prompts`. Imported pairs are skipped:
+    they are not how this assistant is used."""
+    if not Path(db_path).exists():
+        return []
+    store = FeedbackStore(db_path, readonly=True)
+    try:
+        rows = store.db().execute(
+            "SELECT context FROM replies WHERE model != 'import' ORDER BY id DESC"
+        ).fetchall()
+    finally:
+        store.close()
+    seen, prompts = set(), []
+    for (context,) in rows:
+        messages = json.loads(context)
+        key = to_prompt(messages)
+        if key in seen or not messages or messages[-1]["role"] != "user":
+            continue
+        seen.add(key)
+        prompts.append(messages)
+        if len(prompts) >= max_prompts:
+            break
+    return prompts

@@ -346,7 +346,7 @@ def ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, rew
             with torch.no_grad():
                 ratio = masked_mean(torch.exp(logprobs - old_logprobs[idx]), m)
             for k, v in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac), ("approxkl", approxkl), ("ratio", ratio)):
-                stats[k].append(float(v))
+                stats[k].append(float(v.detach()))
     times["time/update"] = time.perf_counter() - t
 
     mean_kl = float((kl.sum(1)).mean())
@@ -377,3 +377,112 @@ def ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, rew
 
 def kl_too_high(metrics: dict, cfg: PPOConfig) -> bool:
     return math.isfinite(metrics["objective/kl"]) and metrics["objective/kl"] > cfg.kl_ceiling
+
+
+# ------------------------------------------------------------------ a whole run
+
+
+def config_from(args) -> PPOConfig:
+    """PPOConfig from the CLI's PPOArgs."""
+    return PPOConfig(
+        batch_size=args.ppo_batch_size,
+        mini_batch_size=args.mini_batch_size,
+        ppo_epochs=args.ppo_epochs,
+        lr=args.ppo_lr,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        init_kl_coef=args.init_kl_coef,
+        target_kl=args.target_kl or None,
+        kl_ceiling=args.kl_ceiling,
+        cliprange=args.cliprange,
+        cliprange_value=args.cliprange_value,
+        vf_coef=args.vf_coef,
+        gamma=args.gamma,
+        lam=args.lam,
+        max_grad_norm=args.max_grad_norm,
+        missing_eos_penalty=args.missing_eos_penalty,
+    )
+
+
+POLICY_ADAPTER = "policy"
+
+
+def build_trainable_policy(model_args, parent_dir=None):
+    """(peft model with a trainable 'policy' adapter, tokenizer). The adapter starts
+    from `parent_dir` (the adapter being served) when given, else fresh (identity)."""
+    from peft import PeftModel, get_peft_model
+
+    from assistant.model import load_base, lora_config
+
+    tokenizer, base = load_base(model_args)
+    if parent_dir is not None:
+        model = PeftModel.from_pretrained(base, str(parent_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+    else:
+        model = get_peft_model(base, lora_config(model_args), adapter_name=POLICY_ADAPTER)
+    model.eval()
+    return model, tokenizer
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_tokens: int) -> tuple[list[list[dict]], list[torch.Tensor]]:
+    """Chat-template the prompts; drop those longer than `max_tokens`."""
+    from assistant.chat import build_prompt
+
+    kept, queries = [], []
+    for p in prompts:
+        ids = build_prompt(tokenizer, p)
+        if len(ids) <= max_tokens:
+            kept.append(p)
+            queries.append(torch.tensor(ids, dtype=torch.long))
+    return kept, queries
+
+
+def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig, iterations: int, seed: int = 0,
+          prompt_max_tokens: int = 256, progress: bool = True, log=print):
+    """Run PPO iterations on `model`'s trainable adapter; returns (value_head, history, stop_reason).
+
+    Stops early when KL exceeds the ceiling; a non-finite value raises NonFiniteError
+    after skipping the update, so the caller keeps the last good adapter."""
+    from tqdm import tqdm
+
+    from assistant.chat import build_prompt  # noqa: F401  (same template as serving)
+
+    torch.manual_seed(seed)
+    prompts, queries = encode_prompts(tokenizer, prompts, prompt_max_tokens)
+    if not prompts:
+        raise ValueError("no prompts to roll out (all empty or longer than --prompt-max-tokens)")
+    device = next(model.parameters()).device
+    hidden = model.get_base_model().config.hidden_size
+    value_head = ValueHead(hidden).to(device)
+    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+    tok = tokenizer
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tok.eos_token_id is not None:
+        eos_ids.add(tok.eos_token_id)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
+    rng = torch.Generator().manual_seed(seed)
+    history, stop = [], "completed"
+    bar = tqdm(range(iterations), desc="ppo", unit="iter", disable=not progress)
+    for it in bar:
+        pick = torch.randint(len(prompts), (cfg.batch_size,), generator=rng).tolist()
+        metrics = ppo_iteration(model, value_head, optimizer, tokenizer, [queries[i] for i in pick], [prompts[i] for i in pick],
+                                reward_fn, cfg, kl_ctl, eos_ids, pad_id)
+        metrics["iteration"] = it + 1
+        history.append(metrics)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
+        log(format_metrics(metrics))
+        if kl_too_high(metrics, cfg):
+            stop = f"KL {metrics['objective/kl']:.2f} above the ceiling {cfg.kl_ceiling}"
+            break
+    return value_head, history, stop
+
+
+LOGGED = ("objective/scores", "objective/kl", "objective/entropy", "policy/approxkl", "policy/clipfrac",
+          "val/ratio", "val/explained_variance", "time/rollout", "time/score", "time/reference", "time/update",
+          "tokens_per_s/rollout", "response/degenerate")
+
+
+def format_metrics(m: dict) -> str:
+    return f"iter {m['iteration']}: " + "  ".join(f"{k}={m[k]:.4g}" for k in LOGGED if k in m)
