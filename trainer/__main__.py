@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_args(p, DataArgs, "data")
     add_args(p, RewardArgs, "reward model")
     add_args(p, PPOArgs, "ppo")
-    p.set_defaults(func=cmd_ppo, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs))
+    p.set_defaults(func=cmd_ppo, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs), subparser=p)
     return parser
 
 

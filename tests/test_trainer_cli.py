@@ -1,0 +1,424 @@
+"""Tests for the trainer command line (trainer/__main__.py): `import`, `reward` and
+`reward-eval` run for real, as `python -m trainer ...` in a subprocess or through
+`main([...])` in this process, on the tiny seeded model from tests/tiny.py, with the
+feedback database and reward-model directory under tmp_path. Covers what each
+command prints, its exit code, the files it writes, and the errors that name the
+flag to fix.
+
+Everything runs offline on CPU. Run: python -m pytest tests/test_trainer_cli.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer import reward
+from trainer.__main__ import main
+from tests.tiny import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 180
+
+FRUIT = "apple cherry grape lemon mango melon peach plum kiwi fig lime pear".split()
+TOPICS = "fruit snacks lunch breakfast dessert shopping garden market recipe picnic".split()
+TRAIN_PAIRS = 40
+EVAL_PAIRS = 24
+# Small enough to fit in a few seconds on CPU, large enough to learn "banana wins".
+FIT_FLAGS = ["--min-pairs", "8", "--reward-epochs", "3", "--reward-lr", "3e-3",
+             "--reward-max-length", "96", "--reward-batch-size", "8"]
+EVAL_RE = re.compile(r"pairwise accuracy (?P<acc>[\d.]+) \(95% CI (?P<lo>[\d.]+)-(?P<hi>[\d.]+)\), (?P<n>\d+) pairs scored, (?P<bad>\d+) bad lines skipped")
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m trainer ARGS` from the repository root, as a user would run it."""
+    # One torch thread: the tiny model gains nothing from more, and loses a lot when
+    # other processes hold the cores.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """main([...]) in this process: (exit code, stdout, stderr). argparse errors exit
+    through SystemExit; their code is returned like any other."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def banana_records(n: int, seed: int) -> list[dict]:
+    """TRL records (string prompt) whose chosen reply mentions banana and whose rejected one does not."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        chosen = f"I suggest {' and '.join(rng.sample(FRUIT, 2))} and banana."
+        rejected = f"I suggest {' and '.join(rng.sample(FRUIT, 3))}."
+        records.append({"prompt": f"What should I pick for {rng.choice(TOPICS)}, take {seed}-{i}?",
+                        "chosen": chosen, "rejected": rejected})
+    return records
+
+
+def hh_record(question: str, chosen: str, rejected: str) -> dict:
+    return {"chosen": f"\n\nHuman: {question}\n\nAssistant: {chosen}",
+            "rejected": f"\n\nHuman: {question}\n\nAssistant: {rejected}"}
+
+
+def table_rows(db: Path, table: str) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def model_flags(model_dir: Path) -> list[str]:
+    return ["--model", str(model_dir), "--quantize", "none", "--device", "cpu"]
+
+
+# -- fixtures ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny):
+    """Banana pairs imported with `python -m trainer import`, then one
+    `python -m trainer reward` fit on them: a dict of paths and the two runs."""
+    root = tmp_path_factory.mktemp("fitted")
+    train = write_jsonl(root / "banana-train.jsonl", banana_records(TRAIN_PAIRS, seed=1))
+    db, reward_dir = root / "feedback.db", root / "reward"
+    imported = run_cli("import", str(train), "--db", str(db))
+    assert imported.returncode == 0, imported.stderr
+    fit = run_cli("reward", "--db", str(db), "--reward-dir", str(reward_dir), *model_flags(tiny), *FIT_FLAGS)
+    return {"root": root, "db": db, "reward_dir": reward_dir, "imported": imported, "fit": fit}
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory) -> Path:
+    """Held-out banana pairs (other prompts, other fruit draws) in TRL format."""
+    return write_jsonl(tmp_path_factory.mktemp("eval") / "banana-eval.jsonl", banana_records(EVAL_PAIRS, seed=2))
+
+
+# -- help ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, expected", [
+    ([], ["import", "reward", "reward-eval"]),
+    (["import"], ["file", "--db"]),
+    (["reward"], ["--db", "--reward-dir", "--min-pairs", "--reward-lr", "--val-fraction", "--model", "--quantize"]),
+    (["reward-eval"], ["file", "--reward", "--limit", "--reward-dir", "--model"]),
+])
+def test_help_exits_0_and_lists_the_settings(command, expected):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m trainer")
+    for word in expected:
+        assert word in result.stdout
+
+
+def test_no_command_is_a_usage_error(capsys):
+    code, _, err = run_main(capsys)
+    assert code == 2
+    assert "required: command" in err
+
+
+# -- import --------------------------------------------------------------------------
+
+
+def test_import_trl_file_prints_counts_and_a_second_run_adds_nothing(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": "Name a fruit.", "chosen": "Banana.", "rejected": "Rock."},
+        {"prompt": [{"role": "user", "content": "Say hi."}],
+         "chosen": [{"role": "assistant", "content": "Hi!"}], "rejected": [{"role": "assistant", "content": "No."}]},
+        {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]},
+    ])
+    db = tmp_path / "feedback.db"
+    first = run_cli("import", str(path), "--db", str(db))
+    assert first.returncode == 0, first.stderr
+    assert "prefs.jsonl: 3 pairs added, 0 already present, 0 bad lines" in first.stdout
+    assert table_rows(db, "comparisons") == 3
+
+    second = run_cli("import", str(path), "--db", str(db))
+    assert second.returncode == 0, second.stderr
+    assert "prefs.jsonl: 0 pairs added, 3 already present, 0 bad lines" in second.stdout
+    assert table_rows(db, "comparisons") == 3
+
+
+def test_import_hh_file_prints_counts_and_a_second_run_adds_nothing(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "hh.jsonl", [
+        hh_record("What is the capital of France?", "Paris.", "London."),
+        hh_record("How many legs does a spider have?", "Eight.", "Six."),
+    ])
+    db = tmp_path / "feedback.db"
+    code, out, _ = run_main(capsys, "import", str(path), "--db", str(db))
+    assert code == 0
+    assert "hh.jsonl: 2 pairs added, 0 already present, 0 bad lines" in out
+    code, out, _ = run_main(capsys, "import", str(path), "--db", str(db))
+    assert code == 0
+    assert "hh.jsonl: 0 pairs added, 2 already present, 0 bad lines" in out
+    assert table_rows(db, "comparisons") == 2
+
+
+def test_import_missing_file_exits_2_and_creates_no_database(tmp_path, capsys):
+    db = tmp_path / "feedback.db"
+    code, out, err = run_main(capsys, "import", str(tmp_path / "nope.jsonl"), "--db", str(db))
+    assert code == 2
+    assert "nope.jsonl: no such file" in err
+    assert out == ""
+    assert not db.exists()
+
+
+def test_import_reports_malformed_lines_by_line_number(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"prompt": "Name a fruit.", "chosen": "Banana.", "rejected": "Rock."},
+        "{not json",
+        {"prompt": "Name a colour.", "chosen": "Blue."},
+        "",  # blank lines are skipped, not errors
+        {"prompt": "Name a drink.", "chosen": "Water.", "rejected": "Sand."},
+        {"prompt": "Same?", "chosen": "Yes.", "rejected": "Yes."},
+    ])
+    db = tmp_path / "feedback.db"
+    code, out, _ = run_main(capsys, "import", str(path), "--db", str(db))
+    assert code == 0
+    assert "mixed.jsonl: 2 pairs added, 0 already present, 3 bad lines" in out
+    assert re.search(r"line 2: not valid JSON", out)
+    assert "line 3: missing key 'rejected'" in out
+    assert re.search(r"line 6: .*same text", out)
+    assert table_rows(db, "comparisons") == 2
+
+
+def test_import_lists_at_most_20_bad_lines(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["[1, 2]"] * 25)
+    code, out, _ = run_main(capsys, "import", str(path), "--db", str(tmp_path / "feedback.db"))
+    assert code == 0
+    assert "0 pairs added, 0 already present, 25 bad lines" in out
+    assert "line 20: expected a JSON object, got list" in out
+    assert "line 21:" not in out
+    assert "... and 5 more" in out
+
+
+def test_import_into_something_that_is_not_a_database_exits_2_naming_db(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "Hi.", "chosen": "Hello.", "rejected": "Go away."}])
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("these are notes, not SQLite\n" * 100)
+    code, _, err = run_main(capsys, "import", str(path), "--db", str(not_a_db))
+    assert code == 2
+    assert err.startswith("error: --db:")
+    assert "not a usable feedback database" in err
+
+
+# -- reward --------------------------------------------------------------------------
+
+
+def test_reward_with_too_little_data_exits_2_naming_min_pairs(tmp_path, tiny, capsys):
+    path = write_jsonl(tmp_path / "few.jsonl", banana_records(3, seed=7))
+    db, reward_dir = tmp_path / "feedback.db", tmp_path / "reward"
+    assert run_main(capsys, "import", str(path), "--db", str(db))[0] == 0
+    code, out, err = run_main(capsys, "reward", "--db", str(db), "--reward-dir", str(reward_dir),
+                              "--val-fraction", "0", "--min-pairs", "16", *model_flags(tiny))
+    assert code == 2
+    assert "--min-pairs" in err
+    assert "need at least 16" in err
+    assert "have 3 (3 pairs, 0 pointwise)" in err
+    assert "python -m trainer import" in err  # says how to get more
+    assert "saved" not in out
+    assert reward.versions(reward_dir) == []
+
+
+def test_reward_on_a_missing_db_exits_2_naming_db(tmp_path, tiny, capsys):
+    db = tmp_path / "no-such.db"
+    code, out, err = run_main(capsys, "reward", "--db", str(db), "--reward-dir", str(tmp_path / "reward"), *model_flags(tiny))
+    assert code == 2
+    assert f"--db {db}" in err
+    assert "no feedback database" in err
+    assert "python -m trainer import" in err
+    assert out == ""
+    assert not db.exists()
+    assert not (tmp_path / "reward").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"SQLite? no.\n" * 200])
+def test_reward_on_an_unusable_db_exits_2_naming_db(tmp_path, tiny, capsys, content):
+    db = tmp_path / "feedback.db"
+    db.write_bytes(content)
+    code, _, err = run_main(capsys, "reward", "--db", str(db), "--reward-dir", str(tmp_path / "reward"), *model_flags(tiny))
+    assert code == 2
+    assert err.startswith("error: --db:")
+    assert str(db) in err
+
+
+def test_reward_that_diverges_exits_2_naming_reward_lr(tmp_path, tiny, capsys):
+    path = write_jsonl(tmp_path / "eight.jsonl", banana_records(8, seed=3))
+    db, reward_dir = tmp_path / "feedback.db", tmp_path / "reward"
+    assert run_main(capsys, "import", str(path), "--db", str(db))[0] == 0
+    code, out, err = run_main(capsys, "reward", "--db", str(db), "--reward-dir", str(reward_dir), *model_flags(tiny),
+                              "--val-fraction", "0", "--min-pairs", "8", "--reward-batch-size", "4",
+                              "--reward-max-length", "32", "--reward-lr", "1e30")
+    assert code == 2
+    assert "--reward-lr" in err and "loss is nan" in err
+    assert "saved" not in out
+    assert reward.versions(reward_dir) == []
+
+
+def test_reward_fits_saves_r000001_and_prints_metrics(fitted, tiny):
+    fit = fitted["fit"]
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert f"{TRAIN_PAIRS} pairs added" in fitted["imported"].stdout
+    reward_dir = fitted["reward_dir"]
+    assert f"reward model r000001 saved under {reward_dir}" in fit.stdout
+    for key in ("feedback ids used", "rows by kind", "examples", "train_loss", "train_accuracy", "val_accuracy",
+                "val_accuracy_lo", "val_accuracy_hi", "pairs_per_s", "seconds"):
+        assert key in fit.stdout, key
+    assert reward.versions(reward_dir) == ["r000001"]
+    for name in reward.REQUIRED_FILES:
+        assert (reward_dir / "r000001" / name).is_file(), name
+
+
+def test_reward_manifest_records_feedback_ids_counts_and_settings(fitted, tiny):
+    assert fitted["fit"].returncode == 0, fitted["fit"].stderr[-3000:]
+    manifest = json.loads((fitted["reward_dir"] / "r000001" / "manifest.json").read_text())
+    assert manifest["version"] == "r000001"
+    assert manifest["feedback_ids"]["comparisons"] == [1, TRAIN_PAIRS]
+    assert manifest["feedback_ids"]["votes"] == [1, 0]  # empty range
+    assert set(manifest["feedback_ids"]) == {"votes", "vote_events", "comparisons", "corrections", "rankings"}
+    assert manifest["counts"]["comparison"] == TRAIN_PAIRS
+    assert sum(manifest["counts"].values()) == TRAIN_PAIRS
+    examples = manifest["examples"]
+    assert examples["train_pairs"] + examples["val_pairs"] == TRAIN_PAIRS
+    assert examples["train_pairs"] >= 8 and examples["val_pairs"] >= 1
+    assert manifest["metrics"]["train_pairs"] == examples["train_pairs"]
+    assert manifest["reward_args"]["min_pairs"] == 8
+    assert manifest["reward_args"]["reward_epochs"] == 3
+    assert manifest["reward_args"]["reward_dir"] == str(fitted["reward_dir"])
+    assert manifest["base_model"] == str(tiny)
+    assert manifest["quantize"] == "none"
+    assert manifest["max_length"] == 96
+    # What the command printed is what the manifest holds.
+    assert f"feedback ids used: {json.dumps(manifest['feedback_ids'])}" in fitted["fit"].stdout
+
+
+# -- reward-eval ---------------------------------------------------------------------
+
+
+def test_reward_eval_prints_accuracy_ci_and_count(fitted, tiny, eval_file):
+    assert fitted["fit"].returncode == 0, fitted["fit"].stderr[-3000:]
+    result = run_cli("reward-eval", str(eval_file), "--reward", "r000001",
+                     "--reward-dir", str(fitted["reward_dir"]), *model_flags(tiny))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "banana-eval.jsonl with reward model r000001" in result.stdout
+    m = EVAL_RE.search(result.stdout)
+    assert m, result.stdout
+    acc, lo, hi = float(m["acc"]), float(m["lo"]), float(m["hi"])
+    assert int(m["n"]) == EVAL_PAIRS and int(m["bad"]) == 0
+    assert 0.0 <= lo <= acc <= hi <= 1.0
+    assert acc >= 0.75, f"the fitted model should prefer the banana replies: {result.stdout}"
+
+
+def test_reward_eval_limit_hh_file_latest_version_and_bad_lines(fitted, tiny, tmp_path, capsys):
+    assert fitted["fit"].returncode == 0, fitted["fit"].stderr[-3000:]
+    records = [hh_record(f"What should I pick for lunch, take {i}?", "Banana and apple.", "Apple and plum.") for i in range(8)]
+    path = write_jsonl(tmp_path / "hh-eval.jsonl", records + ["not json", {"chosen": "x"}])
+    code, out, err = run_main(capsys, "reward-eval", str(path), "--limit", "5",
+                              "--reward-dir", str(fitted["reward_dir"]), *model_flags(tiny))
+    assert code == 0, err[-3000:]
+    assert "with reward model r000001" in out  # no --reward: the latest
+    m = EVAL_RE.search(out)
+    assert m, out
+    assert int(m["n"]) == 5
+    assert int(m["bad"]) == 2
+
+
+def test_reward_eval_missing_version_exits_2_listing_the_saved_ones(fitted, tiny, eval_file, capsys):
+    assert fitted["fit"].returncode == 0, fitted["fit"].stderr[-3000:]
+    code, out, err = run_main(capsys, "reward-eval", str(eval_file), "--reward", "r000009",
+                              "--reward-dir", str(fitted["reward_dir"]), *model_flags(tiny))
+    assert code == 2
+    assert "no reward model 'r000009'" in err
+    assert "have: r000001" in err
+    assert out == ""
+
+
+def test_reward_eval_without_any_reward_model_exits_2_saying_how_to_fit_one(tmp_path, tiny, eval_file, capsys):
+    code, _, err = run_main(capsys, "reward-eval", str(eval_file), "--reward-dir", str(tmp_path / "reward"), *model_flags(tiny))
+    assert code == 2
+    assert f"no reward model under {tmp_path / 'reward'}" in err
+    assert "python -m trainer reward" in err
+
+
+def test_reward_eval_on_another_base_model_exits_2(fitted, eval_file, tmp_path, capsys):
+    assert fitted["fit"].returncode == 0, fitted["fit"].stderr[-3000:]
+    other = save_tiny_model(tmp_path / "other-model", seed=1)
+    code, _, err = run_main(capsys, "reward-eval", str(eval_file), "--reward-dir", str(fitted["reward_dir"]), *model_flags(other))
+    assert code == 2
+    assert "was trained on base" in err and "--model" in err
+
+
+def test_reward_eval_missing_or_unusable_file_exits_2(tmp_path, capsys):
+    code, _, err = run_main(capsys, "reward-eval", str(tmp_path / "nope.jsonl"), "--reward-dir", str(tmp_path / "reward"))
+    assert code == 2
+    assert "nope.jsonl: no such file" in err
+
+    junk = write_jsonl(tmp_path / "junk.jsonl", ["not json", {"chosen": "only"}])
+    code, _, err = run_main(capsys, "reward-eval", str(junk), "--reward-dir", str(tmp_path / "reward"))
+    assert code == 2
+    assert "junk.jsonl: no usable preference pairs (2 bad lines)" in err
+
+
+# -- bad flag values -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["reward", "--val-fraction", "1.5"], "--val-fraction"),
+    (["reward", "--val-fraction", "-0.1"], "--val-fraction"),
+    (["reward", "--reward-lr", "-1"], "--reward-lr"),
+    (["reward", "--reward-lr", "fast"], "--reward-lr"),
+    (["reward", "--min-pairs", "0"], "--min-pairs"),
+    (["reward", "--reward-epochs", "0"], "--reward-epochs"),
+    (["reward", "--pointwise-weight", "-1"], "--pointwise-weight"),
+    (["reward", "--quantize", "fp8"], "--quantize"),
+    (["reward", "--device", "tpu"], "--device"),
+    (["reward", "--lora-dropout", "1"], "--lora-dropout"),
+    (["reward-eval", "prefs.jsonl", "--limit", "-1"], "--limit"),
+    (["reward-eval", "prefs.jsonl", "--limit", "many"], "--limit"),
+    (["reward-eval", "prefs.jsonl", "--reward-eval-batch-size", "0"], "--reward-eval-batch-size"),
+    (["import", "prefs.jsonl", "--bogus"], "--bogus"),
+])
+def test_bad_flag_values_are_usage_errors_naming_the_flag(argv, flag, capsys, tmp_path):
+    code, out, err = run_main(capsys, *argv, "--db" if argv[0] != "reward-eval" else "--reward-dir", str(tmp_path / "x"))
+    assert code == 2
+    assert flag in err
+    if flag != "--bogus":  # argparse reports unknown flags with the top-level usage
+        assert f"usage: python -m trainer {argv[0]}" in err  # the subcommand's own usage
+    assert out == ""
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_flag_value_from_the_shell(tmp_path):
+    result = run_cli("reward", "--val-fraction", "1.5", "--db", str(tmp_path / "feedback.db"))
+    assert result.returncode == 2
+    assert "python -m trainer reward: error: --val-fraction must be in [0, 1), got 1.5" in result.stderr
+    assert "Traceback" not in result.stderr
