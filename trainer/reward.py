@@ -354,7 +354,7 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
         for start in range(0, len(items), bs):
             loss, correct, n_pairs = _batch_loss(rm, items[start : start + bs], reward_args.pointwise_weight)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"reward-model loss is {float(loss)} at epoch {epoch + 1}, step {start // bs + 1}; lower --reward-lr")
+                raise FloatingPointError(f"reward-model loss is {loss.item()} at epoch {epoch + 1}, step {start // bs + 1}; lower --reward-lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, reward_args.reward_max_grad_norm)
@@ -465,6 +465,11 @@ def read_manifest(reward_dir: str | Path, version: str) -> dict:
     return json.loads((Path(reward_dir) / version / MANIFEST_FILE).read_text())
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Model names are equal, or both are paths to the same directory."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
 def load(reward_dir: str | Path, model_args: ModelArgs, version: str | None = None) -> RewardModel:
     """Load a saved reward model (None = the latest) on the base `model_args` names.
 
@@ -483,7 +488,7 @@ def load(reward_dir: str | Path, model_args: ModelArgs, version: str | None = No
     if missing:
         raise ValueError(f"reward model {version} is incomplete: missing {', '.join(missing)}")
     manifest = json.loads((path / MANIFEST_FILE).read_text())
-    if manifest["base_model"] != model_args.model:
+    if not _same_model(manifest["base_model"], model_args.model):
         raise ValueError(f"reward model {version} was trained on base {manifest['base_model']!r}, but --model is {model_args.model!r}; refit the reward model on this base")
     tokenizer, base = load_base(model_args)
     quantize = resolve_quantize(model_args.quantize, resolve_device(model_args.device))
