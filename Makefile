@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-fast browser model bench-serve clean
+.PHONY: venv run test test-fast browser model bench-deps bench-serve bench-reward bench-ppo clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,16 @@ test-fast: venv
 
 bench-serve: model
 	$(PY) bench/serve.py $(ARGS)
+
+# TRL baselines for the trainer benchmarks (not needed to run or test the app).
+bench-deps: venv
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+
+bench-reward: model bench-deps
+	$(PY) bench/reward.py $(ARGS)
+
+bench-ppo: model bench-deps
+	$(PY) bench/ppo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
