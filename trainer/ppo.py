@@ -292,6 +292,8 @@ def ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, rew
     t = time.perf_counter()
     scores = reward_fn(prompts, ro.texts).to(device).float()  # (B,)
     raw_scores = scores.clone()
+    if not torch.isfinite(raw_scores).all():  # checked before the penalty, which would hide it
+        raise NonFiniteError("non-finite reward scores; update skipped")
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(ro.ended.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
     times["time/score"] = time.perf_counter() - t
