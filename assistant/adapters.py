@@ -62,7 +62,8 @@ def read_current(adapters_dir: str | Path) -> str:
     return version
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename into it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -82,7 +83,7 @@ def set_current(adapters_dir: str | Path, version: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, d / POINTER)
-    _fsync_dir(d)
+    fsync_dir(d)
 
 
 def publish(adapters_dir: str | Path, model, adapter_name: str, manifest: dict, make_current: bool = False) -> str:
@@ -103,9 +104,9 @@ def publish(adapters_dir: str | Path, model, adapter_name: str, manifest: dict, 
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, d / version)
-    _fsync_dir(d)
+    fsync_dir(d)
     if make_current:
         set_current(d, version)
     return version

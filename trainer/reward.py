@@ -48,6 +48,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from assistant.adapters import fsync_dir
 from assistant.config import ModelArgs
 from assistant.model import backbone, load_base, lora_config, resolve_device, resolve_quantize, scalar_head
 from trainer.config import RewardArgs
@@ -408,14 +409,6 @@ def versions(reward_dir: str | Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(reward_dir: str | Path, reward_model: RewardModel, manifest: dict) -> str:
     """Write `reward_model` as the next version rNNNNNN under `reward_dir`; returns it.
 
@@ -452,12 +445,12 @@ def save(reward_dir: str | Path, reward_model: RewardModel, manifest: dict) -> s
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, d / version)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(d)
+    fsync_dir(d)
     return version
 
 
