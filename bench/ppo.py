@@ -1,6 +1,6 @@
 """PPO benchmark: our `trainer.ppo.train` on the default model, and TRL's `RLOOTrainer` as a baseline.
 
-    .venv/bin/python bench/ppo.py                          # 32 prompts, 4 iterations of 8, 32 new tokens (~15 min on 2 CPU cores)
+    .venv/bin/python bench/ppo.py                          # 32 prompts, 8 iterations of 8, 32 new tokens (~20 min on 2 CPU cores)
     .venv/bin/python bench/ppo.py --skip-trl --skip-rm     # ours on the scripted reward only
     .venv/bin/python bench/ppo.py --quantize nf4           # 4-bit base on a CUDA GPU, both sides
 
@@ -296,6 +296,10 @@ def run_trl(model_args: ModelArgs, prompts: list[list[dict]], cfg: ppo.PPOConfig
                             peft_config=lora_config(model_args), quantization_config=quantization_config)
         init_seconds = time.perf_counter() - started
         eos_ids.update(trainer.eos_token_ids)
+        trl_ids = [list(x) for x in trainer._tokenize_prompts(prompts)[0]]
+        our_ids = [q.tolist() for q in ppo.encode_prompts(tokenizer, prompts, 10**9)[1]]
+        if trl_ids != our_ids:
+            raise RuntimeError("TRL's prompt token ids differ from ours; the comparison would not be fair")
         TimedRLOO.marks = {"generate": [], "generate_score_logprobs": [], "tokens": []}
         load_before = os.getloadavg()
         started = time.perf_counter()
@@ -373,7 +377,7 @@ def library_versions() -> dict:
 def ours_table(history: list[dict], hidden: list | None = None) -> list[str]:
     head = "| iter | objective/scores | with EOS penalty | objective/kl | ended | length | rollout s | score s | reference s | update s | gen tok/s |"
     if hidden is not None:
-        head += " hidden rule |"
+        head += " hidden rule (raw) |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for i, h in enumerate(history):
         row = (f"| {h['iteration']} | {h['objective/scores']:.3f} | {h['objective/scores_with_eos_penalty']:.3f} | {h['objective/kl']:.3f} | "
@@ -406,18 +410,34 @@ def speed_table(ours: dict, trls: dict) -> list[str]:
     return lines
 
 
+def phase_table(ours: dict, trls: dict) -> list[str]:
+    """Where the time goes, seconds per rollout. TRL's phases: generation; the rest of
+    generate-and-score (reward, old and reference log-probs); everything else in train()."""
+    h = ours["history"]
+    n = ours["rollouts"]
+    lines = ["| run | generate | score + log-probs (ours: + values, GAE) | update (+ trainer overhead) | total |",
+             "| --- | --- | --- | --- | --- |",
+             f"| ours | {sum(x['time/rollout'] for x in h) / n:.2f} | {sum(x['time/score'] + x['time/reference'] for x in h) / n:.2f} | "
+             f"{(ours['train_seconds'] - sum(x['time/rollout'] + x['time/score'] + x['time/reference'] for x in h)) / n:.2f} | {ours['seconds_per_rollout']:.2f} |"]
+    for name, t in trls.items():
+        m = t["rollouts"]
+        lines.append(f"| TRL, {name} | {t['generate_seconds'] / m:.2f} | {(t['generate_score_logprobs_seconds'] - t['generate_seconds']) / m:.2f} | "
+                     f"{t['update_seconds'] / m:.2f} | {t['seconds_per_rollout']:.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="base model (ModelArgs.model)")
     ap.add_argument("--quantize", default="none", choices=("auto", "nf4", "int8", "none"), help="base-weight quantisation, both sides (nf4 needs CUDA)")
     ap.add_argument("--device", default="auto", help="torch device (ModelArgs.device)")
     ap.add_argument("--prompts", type=int, default=32, help="seed tasks used as PPO prompts (the first N)")
-    ap.add_argument("--iterations", type=int, default=4, help="PPO iterations (TRL: generation batches)")
+    ap.add_argument("--iterations", type=int, default=8, help="PPO iterations (TRL: generation batches)")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts (= rollouts) per iteration of ours")
     ap.add_argument("--mini-batch-size", type=int, default=4, help="rollouts per optimiser step, both sides")
     ap.add_argument("--ppo-epochs", type=int, default=2, help="passes over each batch, both sides (TRL: num_iterations)")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="reply cap, both sides (TRL: max_completion_length)")
-    ap.add_argument("--lr", type=float, default=ppo.PPOConfig.lr, help="AdamW learning rate, both sides")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, both sides (PPOConfig's 1e-4 barely moves this reward in 8 iterations)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, both sides")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rm-pairs", type=int, default=48, help="synthetic training pairs of the reward model")
@@ -477,9 +497,14 @@ def main() -> None:
     for name, t in trls.items():
         print(f"\n## TRL RLOOTrainer, {name} per iteration ({t['prompts_per_step']} prompts × 2 replies)\n")
         print("\n".join(trl_table(t["per_generation"])))
+        rewards = [r["reward"] for r in t["per_generation"]]
+        if rewards:
+            print(f"\nreward (with EOS penalty), first → last generation: {first_last(rewards)}")
     if trls:
         print("\n## Wall time of train(), per rollout and per prompt (ratio > 1: TRL faster)\n")
         print("\n".join(speed_table(ours, trls)))
+        print("\n## Seconds per rollout by phase\n")
+        print("\n".join(phase_table(ours, trls)))
         result["ratios"] = {name: {"ours_over_trl_per_rollout": ours["seconds_per_rollout"] / t["seconds_per_rollout"],
                                    "ours_over_trl_per_prompt": ours["seconds_per_prompt"] / t["seconds_per_prompt"]} for name, t in trls.items()}
     out = Path(args.out)
