@@ -8,7 +8,7 @@
 Needs the benchmark extras (`pip install -r requirements-bench.txt`: trl, datasets).
 
 Data: /work/shared/data/hh-harmless-dev.jsonl is imported with `import_preferences`
-into a feedback store kept at bench/results/reward-feedback.db (`--db`), read back with
+into a feedback store kept at bench/results/reward-hh-harmless-dev.db (`--db`), read back with
 `read_snapshot` → `build_examples`, and split 80/20 by conversation with the project's
 `split` (DataArgs' val_fraction and split_seed). The split hashes conversation ids,
 which the import draws at random, so the store is kept to give every run the same
@@ -446,8 +446,9 @@ def table(result: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DATA), help="preference JSONL (HH-RLHF or TRL) to import")
-    ap.add_argument("--db", default=str(ROOT / "bench" / "results" / "reward-feedback.db"),
-                    help="feedback store the data is imported into, kept so that every run gets the same split")
+    ap.add_argument("--db", default=None,
+                    help="feedback store the data is imported into, kept so that every run gets the same split "
+                         "(default: bench/results/reward-<data file name>.db)")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="base model (ModelArgs.model)")
     ap.add_argument("--pairs", type=int, default=None, help="training pairs used, the first N of the split (default: all)")
     ap.add_argument("--val-pairs", type=int, default=None, help="validation pairs scored, the first M of the split (default: all)")
@@ -486,7 +487,8 @@ def main() -> None:
     reward_args.validate()
     resolve_model_path(model_args)  # prepares the default model once, before anything is timed
 
-    train_all, val_all, data_info = load_split(Path(args.data), Path(args.db))
+    db = Path(args.db) if args.db else ROOT / "bench" / "results" / f"reward-{Path(args.data).stem}.db"
+    train_all, val_all, data_info = load_split(Path(args.data), db)
     train = train_all[: args.pairs] if args.pairs is not None else train_all
     val = val_all[: args.val_pairs] if args.val_pairs is not None else val_all
     if not train:
