@@ -7,6 +7,11 @@ Layout under `data/adapters/`:
         adapter_model.safetensors
         manifest.json   # parent, reward model, feedback id range, metrics, status, created_at
     CURRENT             # one line: the version the server should serve
+    LIVE                # optional: a candidate the Compare mode puts against CURRENT
+
+A version's manifest `status` moves candidate → active | rejected, and active →
+retired when another version replaces it (promotion or rollback); `history` lists
+each change with its time and reason.
 
 Publishing is atomic: the directory is written under a temporary name, fsynced and
 renamed into place, and `CURRENT` is replaced with `os.replace`, so a reader never
@@ -19,11 +24,14 @@ What it is not: a training loop or a scheduler.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +45,8 @@ log = logging.getLogger(__name__)
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
 VERSION_RE = re.compile(r"^v\d{6}$")
 POINTER = "CURRENT"
+LIVE_POINTER = "LIVE"
+STATUSES = ("candidate", "active", "rejected", "retired")
 
 
 class InvalidAdapter(ValueError):
@@ -71,19 +81,48 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_pointer(d: Path, name: str, version: str) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(version + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / name)
+    fsync_dir(d)
+
+
 def set_current(adapters_dir: str | Path, version: str) -> None:
     """Atomically point `CURRENT` at `version` (which must exist, or be 'base')."""
     d = Path(adapters_dir)
     if version != BASE_VERSION and not (d / version).is_dir():
         raise InvalidAdapter(f"no adapter {version} under {d}")
-    d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".CURRENT.")
-    with os.fdopen(fd, "w") as f:
-        f.write(version + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, d / POINTER)
-    fsync_dir(d)
+    _write_pointer(d, POINTER, version)
+
+
+def read_live(adapters_dir: str | Path) -> str | None:
+    """The candidate under live comparison, or None."""
+    pointer = Path(adapters_dir) / LIVE_POINTER
+    try:
+        version = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not VERSION_RE.match(version):
+        raise InvalidAdapter(f"{pointer} holds {version!r}, which is not a version name like v000001")
+    return version
+
+
+def set_live(adapters_dir: str | Path, version: str | None) -> None:
+    """Atomically point `LIVE` at a candidate, or remove it (None)."""
+    d = Path(adapters_dir)
+    if version is None:
+        with contextlib.suppress(FileNotFoundError):
+            (d / LIVE_POINTER).unlink()
+            fsync_dir(d)
+        return
+    if not (d / version).is_dir():
+        raise InvalidAdapter(f"no adapter {version} under {d}")
+    _write_pointer(d, LIVE_POINTER, version)
 
 
 def publish(adapters_dir: str | Path, model, adapter_name: str, manifest: dict, make_current: bool = False) -> str:
@@ -114,6 +153,103 @@ def publish(adapters_dir: str | Path, model, adapter_name: str, manifest: dict, 
 
 def read_manifest(adapters_dir: str | Path, version: str) -> dict:
     return json.loads((Path(adapters_dir) / version / "manifest.json").read_text())
+
+
+def manifests(adapters_dir: str | Path) -> list[dict]:
+    """Every published version's manifest, oldest first (unreadable ones as status 'broken')."""
+    out = []
+    for v in versions(adapters_dir):
+        try:
+            out.append(read_manifest(adapters_dir, v))
+        except (OSError, json.JSONDecodeError) as exc:
+            out.append({"version": v, "status": "broken", "reasons": [f"manifest unreadable: {exc}"]})
+    return out
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def update_manifest(adapters_dir: str | Path, version: str, status: str | None = None, reason: str = "", **fields) -> dict:
+    """Merge `fields` into a version's manifest (atomically); a status change is appended to `history`."""
+    d = Path(adapters_dir) / version
+    manifest = read_manifest(adapters_dir, version)
+    manifest.update(fields)
+    if status is not None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown adapter status {status!r}; one of {', '.join(STATUSES)}")
+        manifest["status"] = status
+        manifest.setdefault("history", []).append({"status": status, "at": _now(), "reason": reason})
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".manifest.")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(manifest, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / "manifest.json")
+    fsync_dir(d)
+    return manifest
+
+
+@contextlib.contextmanager
+def pointer_lock(adapters_dir: str | Path):
+    """Serialise read-modify-write of the pointers and statuses across processes (a short flock)."""
+    d = Path(adapters_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".pointer.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def promote(adapters_dir: str | Path, version: str, reason: str = "passed evaluation", **fields) -> str:
+    """Make a validated candidate the served version; the one it replaces becomes 'retired'. Returns the old version."""
+    with pointer_lock(adapters_dir):
+        old = read_current(adapters_dir)
+        update_manifest(adapters_dir, version, status="active", reason=reason, promoted_at=_now(), **fields)
+        set_current(adapters_dir, version)
+        if read_live(adapters_dir) == version:
+            set_live(adapters_dir, None)
+        if old not in (BASE_VERSION, version) and (Path(adapters_dir) / old).is_dir():
+            update_manifest(adapters_dir, old, status="retired", reason=f"replaced by {version}")
+    return old
+
+
+def reject(adapters_dir: str | Path, version: str, reasons: list[str], **fields) -> None:
+    """Mark a candidate rejected with its reasons; it is never served."""
+    with pointer_lock(adapters_dir):
+        update_manifest(adapters_dir, version, status="rejected", reason="; ".join(reasons), reasons=reasons, **fields)
+        if read_live(adapters_dir) == version:
+            set_live(adapters_dir, None)
+
+
+def rollback(adapters_dir: str | Path, version: str | None = None, lora=None) -> tuple[str, str]:
+    """Point CURRENT back at `version` (default: the served version's parent). Returns (old, new).
+
+    The target must be 'base' or a version that was served before (active or retired);
+    with `lora` given it is validated first, so a rollback never points at a broken adapter."""
+    with pointer_lock(adapters_dir):
+        old = read_current(adapters_dir)
+        if version is None:
+            if old == BASE_VERSION:
+                raise InvalidAdapter("the base model is serving; there is nothing to roll back to")
+            version = read_manifest(adapters_dir, old).get("parent") or BASE_VERSION
+        if version == old:
+            raise InvalidAdapter(f"{version} is already serving")
+        if version != BASE_VERSION:
+            if not (Path(adapters_dir) / version).is_dir():
+                raise InvalidAdapter(f"no adapter {version} under {adapters_dir}")
+            status = read_manifest(adapters_dir, version).get("status")
+            if status not in ("active", "retired"):
+                raise InvalidAdapter(f"{version} is {status}; only versions that were served before (active or retired) can be rolled back to")
+            if lora is not None:
+                validate(Path(adapters_dir) / version, lora)
+            update_manifest(adapters_dir, version, status="active", reason=f"rolled back to from {old}")
+        set_current(adapters_dir, version)
+        if old != BASE_VERSION and (Path(adapters_dir) / old).is_dir():
+            update_manifest(adapters_dir, old, status="retired", reason=f"rolled back to {version}", rolled_back_at=_now())
+    return old, version
 
 
 def validate(path: str | Path, lora) -> None:
@@ -159,3 +295,91 @@ def activate(engine, adapters_dir: str | Path, version: str) -> str:
         return engine.switch(version)
 
     return engine.call(swap).result()
+
+
+class CurrentWatcher:
+    """Follows the CURRENT (and LIVE) pointers and hot-swaps the engine to match.
+
+    `poll()` does one check; `start()` runs it every `interval` seconds on a daemon
+    thread. A pointer at an adapter that fails validation is refused with an error
+    log line, once per pointer value, and the version already serving keeps serving."""
+
+    def __init__(self, engine, adapters_dir: str | Path, interval: float = 2.0):
+        self.engine, self.adapters_dir, self.interval = engine, Path(adapters_dir), interval
+        self.refused: dict[str, str] = {}  # version -> why, for pointer values not to retry
+        self.live: str | None = None  # the candidate loaded for live comparison
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> str:
+        """Bring the engine in line with the pointers; returns the version now serving."""
+        with self._lock:
+            self._follow_current()
+            self._follow_live()
+            return self.engine.policy.current
+
+    def _follow_current(self) -> None:
+        try:
+            version = read_current(self.adapters_dir)
+        except (InvalidAdapter, OSError) as exc:
+            self._refuse(POINTER, str(exc))
+            return
+        if version == self.engine.policy.current or version in self.refused:
+            return
+        try:
+            old = activate(self.engine, self.adapters_dir, version)
+        except InvalidAdapter as exc:
+            self._refuse(version, str(exc))
+            return
+        if self.live == version:
+            self.live = None  # the candidate was promoted
+        log.info("hot-swapped adapter %s -> %s", old, version)
+
+    def _follow_live(self) -> None:
+        try:
+            version = read_live(self.adapters_dir)
+        except (InvalidAdapter, OSError) as exc:
+            self._refuse(LIVE_POINTER, str(exc))
+            version = None
+        if version == self.live or version in self.refused:
+            return
+        engine, old = self.engine, self.live
+        if version is not None and version != engine.policy.current:
+            try:
+                validate(self.adapters_dir / version, engine.policy.lora)
+            except InvalidAdapter as exc:
+                self._refuse(version, str(exc))
+                version = None
+
+        def swap(policy):
+            if version is not None and version not in policy.loaded:
+                policy.load_adapter(version, self.adapters_dir / version)
+            if old is not None and old != version:
+                engine.retire(old)
+
+        engine.call(swap).result()
+        self.live = version
+        log.info("live comparison candidate: %s", version or "none")
+
+    def _refuse(self, key: str, why: str) -> None:
+        if self.refused.get(key) != why:
+            log.error("refusing adapter pointer %s: %s; %s keeps serving", key, why, self.engine.policy.current)
+        self.refused[key] = why
+
+    def start(self) -> "CurrentWatcher":
+        def loop():
+            while not self._stop.wait(self.interval):
+                try:
+                    self.poll()
+                except Exception:  # the watcher must outlive any one bad poll
+                    log.exception("adapter watcher poll failed; retrying in %.1fs", self.interval)
+
+        self._thread = threading.Thread(target=loop, name="adapter-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -252,6 +252,14 @@ class Engine:
         self.release_unused()
         return old
 
+    def retire(self, version: str) -> None:
+        """Unload a loaded, non-current adapter once no reply uses it (call on the engine thread)."""
+        with self.pin_lock:
+            if version == self.policy.current or version == BASE_VERSION or version not in self.policy.loaded:
+                return
+            self._retiring.add(version)
+        self.release_unused()
+
     def release_unused(self) -> None:
         """Unload swapped-out adapters that no running or queued reply is pinned to."""
         with self.pin_lock:

@@ -65,6 +65,13 @@ class ServeArgs:
     top_p: float = _f(0.9, "default nucleus-sampling top-p")
     max_new_tokens: int = _f(256, "default cap on tokens per reply")
     max_new_tokens_limit: int = _f(1024, "largest max-new-tokens a user may pick in the UI")
+    watch_interval: float = _f(2.0, "seconds between checks of the CURRENT/LIVE pointers for a newly promoted adapter")
+    trainer: bool = _f(True, "start the scheduled trainer (`python -m trainer run`) as a background process")
+    trainer_args: str = _f("", "extra flags for the background trainer, e.g. '--every-min 60 --min-new-rows 50 --at 03:00'")
+    reward_dir: str = _f("data/reward", "reward-model versions (read by the dashboard, passed to the trainer)")
+    lock_file: str = _f("data/trainer.lock", "the trainer's one-cycle-at-a-time lock (the dashboard shows who holds it)")
+    cycles_log: str = _f("data/cycles.jsonl", "the trainer's log of finished cycles (shown in the dashboard)")
+    admin_password: str = _f("", "password of the dashboard's admin tab (or env ASSISTANT_ADMIN_PASSWORD); empty = dashboard locked")
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -79,6 +86,8 @@ class ServeArgs:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.watch_interval <= 0:
+            raise ValueError(f"--watch-interval must be positive, got {self.watch_interval}")
         if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"--max-new-tokens must be in 1..--max-new-tokens-limit ({self.max_new_tokens_limit}), got {self.max_new_tokens}")
 

@@ -19,10 +19,12 @@ import html
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gradio as gr
 
+from assistant.adapters import CurrentWatcher
 from assistant.chat import Engine, GenParams, PromptTooLong, QueueFull, Stream
 from assistant.config import ServeArgs
 from assistant.feedback import FeedbackError, FeedbackStore, StoreUnavailable
@@ -40,6 +42,8 @@ class Deps:
     store: FeedbackStore
     args: ServeArgs
     model_name: str
+    watcher: CurrentWatcher | None = None  # follows CURRENT/LIVE; None when nothing hot-swaps
+    retrain: Callable[[], str] | None = None  # starts one training cycle in the background; returns what happened
 
 
 @dataclass
@@ -158,8 +162,11 @@ def _save_reply(deps, session, context, stream: Stream, source: str) -> int | No
 
 
 def compare_versions(deps: Deps) -> tuple[str, str]:
-    """The adapter versions the two sides of a comparison come from, in random order."""
-    pair = [deps.engine.policy.current, deps.engine.policy.current]
+    """The adapter versions the two sides of a comparison come from, in random order:
+    the candidate under live comparison against the served version when there is one."""
+    current = deps.engine.policy.current
+    live = deps.watcher.live if deps.watcher is not None else None
+    pair = [current, live if live and live != current and live in deps.engine.policy.loaded else current]
     random.shuffle(pair)
     return pair[0], pair[1]
 
@@ -202,13 +209,13 @@ def send(deps: Deps, session: Session, message: str, system_prompt: str, tempera
         return
     system_prompt = system_prompt or ""
     context = session.context(system_prompt) + [{"role": "user", "content": text}]
+    streams: list[Stream] = []
     try:
-        if compare:
-            va, vb = compare_versions(deps)
-            streams = [deps.engine.submit(context, params, va), deps.engine.submit(context, params, vb)]
-        else:
-            streams = [deps.engine.submit(context, params)]
+        for version in compare_versions(deps) if compare else (None,):
+            streams.append(deps.engine.submit(context, params, version))
     except (PromptTooLong, QueueFull, ValueError) as exc:
+        for s in streams:  # the first of a pair was queued: free its slot
+            s.cancel()
         gr.Warning(str(exc))
         yield no_change
         return
@@ -401,42 +408,48 @@ def clear(deps: Deps, session: Session):
 
 # ---------------------------------------------------------------- layout
 def build_demo(deps: Deps) -> gr.Blocks:
+    from assistant.dashboard import build_dashboard  # the admin tab; it reads the trainer's files
+
     a = deps.args
     with gr.Blocks(title="Assistant") as demo:
         session = gr.State(Session())
-        gr.Markdown("## Assistant\nChat, then tell it what was good or bad: 👍/👎 on a reply, ✏️ edit a reply into a better one, or switch on *Compare* to pick between two anonymous replies. Your feedback trains the next version.")
-        with gr.Row():
-            name = gr.Textbox(label="Your name", placeholder="needed once to give feedback", scale=2, max_length=100, elem_id="user-name")
-            profile = gr.Textbox(label="Profile (optional)", placeholder="role or expertise, e.g. 'nurse', 'Python developer'", scale=3, max_length=300, elem_id="user-profile")
-            save_user = gr.Button("Save", scale=1, elem_id="save-user")
-        status = gr.Markdown(NAME_FIRST, elem_id="status")
-        chatbot = gr.Chatbot(
-            label="Conversation", height=460, editable="all", feedback_options=FEEDBACK_OPTIONS, elem_id="chatbot",
-        )
-        with gr.Row(visible=False, elem_id="compare-row") as compare_row:
-            with gr.Column():
-                reply_a = gr.Textbox(label="A", interactive=False, lines=6, elem_id="reply-a")
-                pick_a = gr.Button("A is better", elem_id="pick-a")
-            with gr.Column():
-                reply_b = gr.Textbox(label="B", interactive=False, lines=6, elem_id="reply-b")
-                pick_b = gr.Button("B is better", elem_id="pick-b")
-            with gr.Column(scale=0, min_width=120):
-                pick_tie = gr.Button("Tie", elem_id="pick-tie")
-                pick_bad = gr.Button("Both bad", elem_id="pick-both-bad")
-        with gr.Row():
-            msg = gr.Textbox(show_label=False, placeholder=f"Message (up to {a.max_message_chars:,} characters)", scale=6, lines=1, max_lines=8, elem_id="message")
-            send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-            stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
-        with gr.Row():
-            compare = gr.Checkbox(label="Compare: two anonymous replies (A/B), you pick", value=False, elem_id="compare")
-            regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
-            clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
-        reason = gr.Textbox(label="Why? (optional, saved with your next 👍/👎)", max_length=500, elem_id="reason")
-        with gr.Accordion("Settings", open=False):
-            system_prompt = gr.Textbox(label="System prompt", value=a.system_prompt, lines=2, elem_id="system-prompt")
-            temperature = gr.Slider(0, 2, value=a.temperature, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1, value=a.top_p, step=0.05, label="Top-p")
-            max_new = gr.Slider(1, a.max_new_tokens_limit, value=a.max_new_tokens, step=1, label="Max new tokens")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Chat", id="chat", elem_id="chat-tab"):
+                gr.Markdown("## Assistant\nChat, then tell it what was good or bad: 👍/👎 on a reply, ✏️ edit a reply into a better one, or switch on *Compare* to pick between two anonymous replies. Your feedback trains the next version.")
+                with gr.Row():
+                    name = gr.Textbox(label="Your name", placeholder="needed once to give feedback", scale=2, max_length=100, elem_id="user-name")
+                    profile = gr.Textbox(label="Profile (optional)", placeholder="role or expertise, e.g. 'nurse', 'Python developer'", scale=3, max_length=300, elem_id="user-profile")
+                    save_user = gr.Button("Save", scale=1, elem_id="save-user")
+                status = gr.Markdown(NAME_FIRST, elem_id="status")
+                chatbot = gr.Chatbot(
+                    label="Conversation", height=460, editable="all", feedback_options=FEEDBACK_OPTIONS, elem_id="chatbot",
+                )
+                with gr.Row(visible=False, elem_id="compare-row") as compare_row:
+                    with gr.Column():
+                        reply_a = gr.Textbox(label="A", interactive=False, lines=6, elem_id="reply-a")
+                        pick_a = gr.Button("A is better", elem_id="pick-a")
+                    with gr.Column():
+                        reply_b = gr.Textbox(label="B", interactive=False, lines=6, elem_id="reply-b")
+                        pick_b = gr.Button("B is better", elem_id="pick-b")
+                    with gr.Column(scale=0, min_width=120):
+                        pick_tie = gr.Button("Tie", elem_id="pick-tie")
+                        pick_bad = gr.Button("Both bad", elem_id="pick-both-bad")
+                with gr.Row():
+                    msg = gr.Textbox(show_label=False, placeholder=f"Message (up to {a.max_message_chars:,} characters)", scale=6, lines=1, max_lines=8, elem_id="message")
+                    send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
+                with gr.Row():
+                    compare = gr.Checkbox(label="Compare: two anonymous replies (A/B), you pick", value=False, elem_id="compare")
+                    regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+                    clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
+                reason = gr.Textbox(label="Why? (optional, saved with your next 👍/👎)", max_length=500, elem_id="reason")
+                with gr.Accordion("Settings", open=False):
+                    system_prompt = gr.Textbox(label="System prompt", value=a.system_prompt, lines=2, elem_id="system-prompt")
+                    temperature = gr.Slider(0, 2, value=a.temperature, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1, value=a.top_p, step=0.05, label="Top-p")
+                    max_new = gr.Slider(1, a.max_new_tokens_limit, value=a.max_new_tokens, step=1, label="Max new tokens")
+            with gr.Tab("Dashboard", id="dashboard", elem_id="dashboard-tab"):
+                build_dashboard(deps)
         # API-only twin of the like buttons, for gradio_client and scripts.
         api_index = gr.Number(visible=False, precision=0)
         api_value = gr.Number(visible=False, precision=0)

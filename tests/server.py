@@ -24,10 +24,14 @@ def free_port() -> int:
 def running_app(*args: str, port: int | None = None, timeout: float = 180, log_path: str | Path | None = None):
     """Run app.py with `args` on a free port; yield its URL; stop it afterwards.
 
+    The background trainer is off unless `args` says --trainer.
+
     The server's output goes to `log_path` (or a temp file) and is printed if it
     fails to come up, so a broken start shows its own traceback.
     """
     port = port or free_port()
+    if not any(a in ("--trainer", "--no-trainer") for a in args):
+        args = ("--no-trainer", *args)  # tests start trainer processes themselves, on their own files
     log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"app-{port}.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     with open(log_path, "w") as log:

@@ -8,6 +8,11 @@ One walk through the page, as a user would do it:
   edit control -> Compare on, send, pick "A is better", see the adapter versions
   revealed -> send a message full of HTML and check it is shown as text, not run.
 
+A second walk, on the tiny model with two published adapters (v000002 serving, v000001
+its parent): open the Dashboard tab, see a wrong password show nothing, log in, see the
+version table and the plots, roll back, and see v000001 serve in the dashboard, the chat
+status line and the next stored reply.
+
 Needs Debian's Chromium at /usr/bin/chromium (`make browser`); Playwright drives it
 through `executable_path`, no Playwright-managed browser is used. Without it the
 test is skipped, except under CI=true, where it fails instead.
@@ -16,6 +21,7 @@ Run: python -m pytest tests/test_browser.py -q -s
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -294,3 +300,124 @@ def _check_database(db_path: Path) -> None:
     # the HTML message was stored as sent
     messages = _db_rows(db_path, "SELECT content FROM messages WHERE role = 'user' ORDER BY id")
     assert [m["content"] for m in messages][-1] == HTML_MSG
+
+
+# -- the administrators' dashboard ---------------------------------------------------------
+
+ADMIN_PASSWORD = "dashboard-e2e-secret"
+PPO_METRICS = [{"iteration": i, "objective/scores": 0.1 * i, "objective/kl": 0.02 * i} for i in (1, 2, 3)]
+
+
+def _dashboard_files(tmp_path: Path, trained_peft) -> dict[str, Path]:
+    """Two published versions, v000002 serving with v000001 (retired) its parent; a reward-model
+    manifest; and some feedback on replies of both versions."""
+    from assistant.adapters import promote, publish
+    from assistant.feedback import FeedbackStore
+
+    files = {name: tmp_path / name for name in ("adapters", "reward", "feedback.db", "trainer.lock", "cycles.jsonl")}
+    adir = files["adapters"]
+    v1 = publish(adir, trained_peft(seed=1), "default", {"parent": BASE_VERSION, "reward_model": "r000001", "metrics": PPO_METRICS})
+    v2 = publish(adir, trained_peft(seed=2), "default", {"parent": v1, "reward_model": "r000001", "metrics": PPO_METRICS[:2]})
+    promote(adir, v1)
+    promote(adir, v2, evaluation={"margin": 0.125, "kl": 0.75, "degenerate": 0})
+    (files["reward"] / "r000001").mkdir(parents=True)
+    (files["reward"] / "r000001" / "manifest.json").write_text(json.dumps({
+        "version": "r000001", "created_at": "2025-03-01T10:00:00Z",
+        "metrics": {"val_accuracy": 0.62, "val_accuracy_lo": 0.55, "val_accuracy_hi": 0.69, "train_accuracy": 0.8},
+    }))
+    with FeedbackStore(files["feedback.db"]) as store:
+        uid = store.ensure_user("earlier user")
+        cid = store.new_conversation(uid)
+        replies = [store.add_reply(conversation_id=cid, context=[{"role": "user", "content": "hi"}], text=f"hello from {v}",
+                                   params={}, model="tiny", adapter_version=v, prompt_tokens=1, completion_tokens=2,
+                                   latency_ms=3.0, ttft_ms=1.0, finish_reason="stop", source="compare") for v in (v1, v2)]
+        store.set_vote(replies[0], uid, 1)
+        store.set_vote(replies[1], uid, -1)
+        store.add_comparison(replies[0], replies[1], "b", uid)
+    return files
+
+
+@pytest.mark.e2e
+def test_dashboard_login_and_rollback_in_browser(tmp_path, tiny_dir, trained_peft):
+    _require(CHROMIUM.exists(), f"no Chromium at {CHROMIUM} (install it with `make browser`)")
+    sync_playwright = _sync_playwright()
+    files = _dashboard_files(tmp_path, trained_peft)
+    log_path = tmp_path / "app.log"
+    args = ("--model", str(tiny_dir), "--db", str(files["feedback.db"]), "--adapters-dir", str(files["adapters"]),
+            "--reward-dir", str(files["reward"]), "--lock-file", str(files["trainer.lock"]),
+            "--cycles-log", str(files["cycles.jsonl"]), "--admin-password", ADMIN_PASSWORD, "--max-new-tokens", "8")
+    with running_app(*args, log_path=log_path) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.set_default_timeout(ACTION_S * 1000)
+        console_errors: list[str] = []
+        page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+        try:
+            _dashboard_walk_through(page, url)
+            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+            replies = _wait_rows(files["feedback.db"], "SELECT adapter_version FROM replies ORDER BY id", 3)
+            assert replies[-1]["adapter_version"] == "v000001", [dict(r) for r in replies]
+            assert not console_errors, console_errors
+        except BaseException:
+            shot = tmp_path / "failure.png"
+            try:
+                page.screenshot(path=str(shot), full_page=True)
+            except Exception:  # noqa: BLE001 - the page may be gone; the log still helps
+                pass
+            print(f"\n[browser test] screenshot: {shot}\n[browser test] toasts: {_toasts(page)}"
+                  f"\n[browser test] page errors: {console_errors}"
+                  f"\n[browser test] app log ({log_path}), last lines:\n{log_path.read_text()[-3000:]}")
+            raise
+        finally:
+            browser.close()
+
+
+def _dashboard_walk_through(page, url: str) -> None:
+    page.goto(url)
+    page.locator("#message textarea").wait_for(state="visible", timeout=START_S * 1000)
+    page.get_by_role("tab", name="Dashboard").click()
+    password = page.locator("#admin-password input")
+    password.wait_for(state="visible")
+
+    # -- a wrong password shows nothing
+    password.fill("not the password")
+    page.locator("#admin-login").click()
+    _wait_text(page, "#admin-login-status", "Wrong password")
+    assert not page.locator("#versions-table").is_visible(), "the version table shows without logging in"
+    assert not page.locator("#rollback").is_visible()
+
+    # -- the right one shows what is serving, the version table and the plots
+    password.fill(ADMIN_PASSWORD)
+    page.locator("#admin-login").click()
+    _wait_text(page, "#admin-login-status", "Logged in")
+    _wait_text(page, "#serving-version", "Serving: v000002")
+    _wait_text(page, "#versions-table", "v000001")
+    table = page.inner_text("#versions-table")
+    for text in ("v000002", "active", "retired", "serving", "+0.125"):
+        assert text in table, f"{text!r} missing from the version table:\n{table}"
+    for plot in ("#plot-feedback-time", "#plot-feedback-version", "#plot-thumbs-up", "#plot-win-rate",
+                 "#plot-ppo-reward", "#plot-ppo-kl", "#plot-reward-accuracy"):
+        page.locator(f"{plot} canvas, {plot} svg.marks").first.wait_for(state="visible")
+    assert page.locator("#rollback-version input").input_value() == "v000001", "the rollback default is not the parent"
+
+    # -- roll back: the server swaps to v000001 at once
+    page.locator("#rollback").click()
+    _wait_text(page, "#admin-message", "now serving v000001")
+    _wait_text(page, "#serving-version", "Serving: v000001")
+
+    # -- the chat tab serves v000001 too, and a new reply is recorded under it
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#user-name textarea, #user-name input").first.fill(NAME)
+    page.locator("#save-user").click()
+    _wait_text(page, "#status", "serving adapter v000001")
+    _send(page, "hello")
+    page.locator(USER).first.wait_for()
+
+
+def _wait_rows(db_path: Path, sql: str, n: int, timeout_s: float = REPLY_S) -> list[sqlite3.Row]:
+    """Poll until `sql` returns at least `n` rows (the tiny model's reply may be blank on screen)."""
+    deadline = time.monotonic() + timeout_s
+    while len(rows := _db_rows(db_path, sql)) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} rows from {sql!r} after {timeout_s}s: {[dict(r) for r in rows]}"
+        time.sleep(0.5)
+    return rows

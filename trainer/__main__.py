@@ -4,6 +4,10 @@
     python -m trainer reward                     # refit the reward model on the feedback store
     python -m trainer reward-eval FILE.jsonl [--reward r000001]   # accuracy on any preference file
     python -m trainer ppo                        # PPO on the served adapter -> a candidate adapter (not promoted)
+    python -m trainer once                       # one whole cycle: reward model, PPO, evaluate, promote or reject
+    python -m trainer run                        # cycles on a schedule (every N minutes with K new rows, and/or daily)
+    python -m trainer rollback [VERSION]         # serve an earlier version again (default: the served one's parent)
+    python -m trainer status                     # versions, what is serving, whether a cycle is running
     python -m trainer <command> --help           # every setting of that command
 
 Settings are flags (dataclasses in assistant/config.py and trainer/config.py);
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 
 from assistant.config import ModelArgs, add_args, from_args
-from trainer.config import DataArgs, PPOArgs, RewardArgs
+from trainer.config import DataArgs, PPOArgs, RewardArgs, ScheduleArgs
 
 log = logging.getLogger("trainer")
 
@@ -58,14 +62,16 @@ def cmd_import(ns: argparse.Namespace) -> int:
     return 0
 
 
-def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, progress: bool = True) -> tuple[str, dict]:
-    """Snapshot the store, build examples, split, fit, save. Returns (version, manifest)."""
+def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, progress: bool = True, snapshot=None):
+    """Snapshot the store (unless given one), build examples, split, fit, save.
+
+    Returns (version, manifest, reward_model)."""
     from trainer import reward
     from trainer.data import build_examples, read_snapshot, split
 
     if not Path(data_args.db).exists():
         raise ValueError(f"--db {data_args.db}: no feedback database yet; run the app and give feedback, or `python -m trainer import FILE`")
-    snapshot = read_snapshot(data_args.db)
+    snapshot = snapshot or read_snapshot(data_args.db)
     examples = build_examples(snapshot)
     train, val = split(examples, data_args.val_fraction, data_args.split_seed)
     started = time.perf_counter()
@@ -80,7 +86,7 @@ def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
         "seconds": time.perf_counter() - started,
     }
     version = reward.save(reward_args.reward_dir, rm, manifest)
-    return version, manifest
+    return version, manifest, rm
 
 
 def cmd_reward(ns: argparse.Namespace) -> int:
@@ -88,7 +94,7 @@ def cmd_reward(ns: argparse.Namespace) -> int:
 
     model_args, data_args, reward_args = ns.model_args, ns.data_args, ns.reward_args
     try:
-        version, manifest = fit_reward(model_args, data_args, reward_args)
+        version, manifest, _ = fit_reward(model_args, data_args, reward_args)
     except StoreUnavailable as exc:
         print(f"error: --db: {exc}", file=sys.stderr)
         return 2
@@ -136,16 +142,18 @@ def cmd_reward_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
-def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, progress: bool = True, reward_fn=None):
+def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, progress: bool = True,
+            reward_fn=None, reward_version: str | None = None, prompts: list | None = None, extra: dict | None = None):
     """PPO from the served adapter against a reward model; publishes a candidate. Returns (version, manifest).
 
-    `reward_fn(prompts, texts) -> (B,) scores` replaces the reward model (scripted rewards)."""
+    `reward_fn(prompts, texts) -> (B,) scores` replaces loading the reward model (a
+    scripted reward, or one the caller already holds as `reward_version`); `prompts`
+    replaces the store's recent prompts plus the default set; `extra` goes into the manifest."""
     from assistant import adapters
     from trainer import ppo, reward
     from trainer.data import default_prompts, read_snapshot, recent_prompts
 
     started = time.perf_counter()
-    reward_version = None
     if reward_fn is None:
         saved = reward.versions(reward_args.reward_dir)
         reward_version = ppo_args.reward or (saved[-1] if saved else None)
@@ -156,8 +164,12 @@ def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs,
         def reward_fn(prompts, texts):
             return rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
 
-    from_store = recent_prompts(data_args.db, ppo_args.max_prompts)
-    prompts = from_store if len(from_store) >= ppo_args.ppo_batch_size else from_store + default_prompts()
+    if prompts is None:
+        from_store = recent_prompts(data_args.db, ppo_args.max_prompts)
+        prompts = from_store if len(from_store) >= ppo_args.ppo_batch_size else from_store + default_prompts()
+        prompt_counts = {"from_store": len(from_store), "default": len(prompts) - len(from_store)}
+    else:
+        prompt_counts = {"given": len(prompts)}
     feedback_ids = read_snapshot(data_args.db).id_range() if Path(data_args.db).exists() else {}
     parent = adapters.read_current(ppo_args.adapters_dir)
     parent_dir = None if parent == "base" else Path(ppo_args.adapters_dir) / parent
@@ -170,13 +182,14 @@ def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs,
         "parent": parent,
         "reward_model": reward_version or "scripted",
         "feedback_ids": feedback_ids,
-        "prompts": {"from_store": len(from_store), "default": len(prompts) - len(from_store)},
+        "prompts": prompt_counts,
         "base_model": model_args.model,
         "quantize": model_args.quantize,
         "ppo_args": vars(ppo_args),
         "stop_reason": stop,
         "metrics": history,
         "seconds": time.perf_counter() - started,
+        **(extra or {}),
     }
     version = adapters.publish(ppo_args.adapters_dir, model, ppo.POLICY_ADAPTER, manifest)
     return version, manifest
@@ -197,6 +210,61 @@ def cmd_ppo(ns: argparse.Namespace) -> int:
     print(f"candidate adapter {version} written to {ns.ppo_args.adapters_dir} (parent {manifest['parent']}, reward model {manifest['reward_model']}); "
           f"not promoted. {len(manifest['metrics'])} iterations, stop: {manifest['stop_reason']}; "
           f"last objective/scores {last['objective/scores']:.3f}, objective/kl {last['objective/kl']:.3f}")
+    return 0
+
+
+def cmd_once(ns: argparse.Namespace) -> int:
+    from trainer import schedule
+
+    try:
+        result = schedule.run_cycle(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, ns.schedule_args)
+    except schedule.Busy as exc:
+        print(f"not started: {exc}", file=sys.stderr)
+        return 3
+    print(result.summary())
+    return 1 if result.decision == "failed" else 0
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from trainer import schedule
+
+    s = ns.schedule_args
+    if s.every_min == 0 and not s.at:
+        print("error: nothing scheduled; give --every-min > 0 and/or --at HH:MM", file=sys.stderr)
+        return 2
+    try:
+        schedule.run_schedule(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, s)
+    except KeyboardInterrupt:
+        print("schedule stopped")
+    return 0
+
+
+def cmd_rollback(ns: argparse.Namespace) -> int:
+    from assistant import adapters
+    from assistant.model import lora_config
+
+    try:
+        old, new = adapters.rollback(ns.adapters_dir, ns.version, lora=lora_config(ns.model_args))
+    except adapters.InvalidAdapter as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"CURRENT: {old} -> {new}; a running server swaps within its --watch-interval")
+    return 0
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    from assistant import adapters
+    from trainer import schedule
+
+    running = schedule.holder(ns.schedule_args.lock_file)
+    print(f"serving: {adapters.read_current(ns.adapters_dir)}" + (f", live comparison: {adapters.read_live(ns.adapters_dir)}" if adapters.read_live(ns.adapters_dir) else ""))
+    print("cycle: " + (f"running (pid {running.get('pid')}, since {running.get('started_at')}, phase {running.get('phase')})" if running is not None else "none running"))
+    print(f"new feedback rows since the last cycle: {schedule.new_rows(ns.db, ns.schedule_args.cycles_log)}")
+    for m in adapters.manifests(ns.adapters_dir):
+        e = m.get("evaluation") or {}
+        detail = f"margin {e['margin']:+.3f}, KL {e['kl']:.2f}" if "margin" in e else ""
+        print(f"  {m['version']}  {m.get('status', '?'):<9}  parent {m.get('parent', '?'):<8}  reward {m.get('reward_model', '?'):<8}  {m.get('created_at', '')}  {detail}"
+              + (f"  rejected: {'; '.join(m['reasons'])}" if m.get("status") == "rejected" and m.get("reasons") else ""))
     return 0
 
 
@@ -229,6 +297,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_args(p, RewardArgs, "reward model")
     add_args(p, PPOArgs, "ppo")
     p.set_defaults(func=cmd_ppo, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs), subparser=p)
+
+    for name, func, text in (("once", cmd_once, "run one cycle now: refit reward model, PPO, evaluate, promote or reject"),
+                             ("run", cmd_run, "run cycles on the schedule until stopped")):
+        p = sub.add_parser(name, help=text)
+        add_args(p, ModelArgs, "base model")
+        add_args(p, DataArgs, "data")
+        add_args(p, RewardArgs, "reward model")
+        add_args(p, PPOArgs, "ppo")
+        add_args(p, ScheduleArgs, "schedule and promotion gate")
+        p.set_defaults(func=func, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs, ScheduleArgs), subparser=p)
+
+    p = sub.add_parser("rollback", help="point CURRENT at an earlier version (default: the served version's parent)")
+    p.add_argument("version", nargs="?", default=None, help="version to serve again, e.g. v000003, or 'base'")
+    p.add_argument("--adapters-dir", default=PPOArgs.adapters_dir, help=f"adapter directory (default: {PPOArgs.adapters_dir})")
+    add_args(p, ModelArgs, "base model (to validate the adapter against)")
+    p.set_defaults(func=cmd_rollback, needs=(ModelArgs,), subparser=p)
+
+    p = sub.add_parser("status", help="adapter versions, what is serving, whether a cycle is running")
+    p.add_argument("--adapters-dir", default=PPOArgs.adapters_dir, help=f"adapter directory (default: {PPOArgs.adapters_dir})")
+    p.add_argument("--db", default=DataArgs.db, help=f"feedback database (default: {DataArgs.db})")
+    add_args(p, ScheduleArgs, "schedule")
+    p.set_defaults(func=cmd_status, needs=(ScheduleArgs,), subparser=p)
     return parser
 
 
@@ -236,7 +326,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     ns = parser.parse_args(argv)
-    names = {ModelArgs: "model_args", DataArgs: "data_args", RewardArgs: "reward_args", PPOArgs: "ppo_args"}
+    names = {ModelArgs: "model_args", DataArgs: "data_args", RewardArgs: "reward_args", PPOArgs: "ppo_args", ScheduleArgs: "schedule_args"}
     try:
         for cls in getattr(ns, "needs", ()):
             setattr(ns, names[cls], from_args(cls, ns))

@@ -91,3 +91,43 @@ class PPOArgs:
             raise ValueError("--init-kl-coef and --target-kl must be >= 0")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError("--gamma and --lam must be in [0, 1]")
+
+
+@dataclass
+class ScheduleArgs:
+    lock_file: str = _f("data/trainer.lock", "lock file that lets only one cycle run at a time, across processes")
+    cycles_log: str = _f("data/cycles.jsonl", "one JSON line per finished cycle: decision, reasons, versions, feedback ids")
+    every_min: float = _f(30.0, "`run`: minutes between checks for new feedback (0 = only at --at)")
+    min_new_rows: int = _f(20, "`run`: new feedback rows (votes, choices, corrections, rankings) since the last cycle needed to start one")
+    at: str = _f("", "`run`: also run a cycle every day at this local time, HH:MM (needs at least one new row)")
+    eval_fraction: float = _f(0.25, "share of prompts (store and default set) held out from PPO to evaluate candidates on")
+    eval_prompts: int = _f(16, "most held-out prompts a candidate is evaluated on")
+    eval_max_new_tokens: int = _f(48, "reply length cap when evaluating candidate and current adapters")
+    eval_seed: int = _f(1234, "random seed of evaluation sampling (the same for both sides)")
+    margin: float = _f(0.05, "promotion needs the candidate's mean reward on held-out prompts to beat the current adapter's by this much")
+    kl_budget: float = _f(12.0, "promotion needs the candidate's mean KL to the base (nats per reply) under this")
+    max_degenerate: int = _f(0, "promotion needs at most this many degenerate (empty or repetitive) held-out replies")
+    live_compare: bool = _f(False, "after passing evaluation, serve the candidate against CURRENT in Compare mode and promote on votes")
+    live_min_votes: int = _f(20, "live comparison: decisive A/B votes needed before deciding")
+    live_win_rate: float = _f(0.55, "live comparison: win rate over the current adapter needed to promote")
+
+    def validate(self) -> None:
+        if self.every_min < 0:
+            raise ValueError(f"--every-min must be >= 0, got {self.every_min}")
+        if self.min_new_rows < 1:
+            raise ValueError(f"--min-new-rows must be at least 1, got {self.min_new_rows}")
+        if self.at:
+            parts = self.at.split(":")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or not (0 <= int(parts[0]) < 24 and 0 <= int(parts[1]) < 60):
+                raise ValueError(f"--at must be a time of day HH:MM, got {self.at!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        for name in ("eval_prompts", "eval_max_new_tokens", "live_min_votes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.kl_budget <= 0:
+            raise ValueError(f"--kl-budget must be positive, got {self.kl_budget}")
+        if self.max_degenerate < 0:
+            raise ValueError(f"--max-degenerate must be >= 0, got {self.max_degenerate}")
+        if not 0 < self.live_win_rate < 1:
+            raise ValueError(f"--live-win-rate must be in (0, 1), got {self.live_win_rate}")

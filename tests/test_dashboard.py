@@ -1,0 +1,370 @@
+"""Tests for assistant/dashboard.py: the queries on a real feedback store, the views of the
+trainer's files, the admin guard, and rollback through the handler on a real engine.
+
+Feedback is written through FeedbackStore's own methods; adapters are real tiny ones
+published with assistant.adapters.publish. No browser (see test_browser.py for that).
+Run: python -m pytest tests/test_dashboard.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import pytest
+
+from assistant import adapters, dashboard
+from assistant.adapters import CurrentWatcher, promote, publish, read_current, reject
+from assistant.config import ServeArgs
+from assistant.feedback import FeedbackStore
+from assistant.ui import Deps, build_demo
+from trainer.schedule import CycleLock
+
+PASSWORD = "correct horse"
+CTX = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def add_reply(store: FeedbackStore, conversation_id: str, version: str, source: str = "chat") -> int:
+    return store.add_reply(
+        conversation_id=conversation_id, context=CTX, text=f"a reply by {version}", params={}, model="tiny",
+        adapter_version=version, prompt_tokens=3, completion_tokens=4, latency_ms=5.0, ttft_ms=1.0,
+        finish_reason="stop", source=source,
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = FeedbackStore(tmp_path / "feedback.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def filled(store):
+    """A store with replies of base and v000001 and every kind of feedback on them."""
+    ada, bob = store.ensure_user("ada"), store.ensure_user("bob")
+    cid = store.new_conversation(ada)
+    base1, base2 = add_reply(store, cid, "base"), add_reply(store, cid, "base")
+    new1, new2 = add_reply(store, cid, "v000001"), add_reply(store, cid, "v000001")
+    store.set_vote(base1, ada, 1)
+    store.set_vote(base1, bob, -1)
+    store.set_vote(base2, ada, 1)
+    store.set_vote(new1, ada, 1)
+    store.set_vote(new2, ada, 1)
+    store.set_vote(new2, bob, 1)
+    store.set_vote(new2, bob, 0)  # removed: counts nowhere
+    store.add_comparison(base1, new1, "b", ada)  # v000001 wins
+    store.add_comparison(new2, base2, "a", bob)  # v000001 wins
+    store.add_comparison(base2, new1, "a", bob)  # base wins
+    store.add_comparison(base1, new2, "tie", ada)  # not decisive
+    store.add_comparison(new1, new2, "a", ada)  # same version: says nothing about it
+    store.add_correction(base1, "Four.", ada)
+    store.add_ranking([new1, base1, new2], bob)
+    store.import_pair(CTX, "4", "5", "pairs.jsonl")
+    return store
+
+
+def con(store):
+    return store.db().conn
+
+
+# -- feedback queries -------------------------------------------------------------------
+
+
+def test_feedback_events_count_each_kind_and_keep_imports_apart(filled):
+    kinds = dashboard.feedback_events(con(filled))["kind"].value_counts().to_dict()
+    assert kinds == {"votes": 5, "comparisons": 5, "corrections": 1, "rankings": 1, "imported": 1}
+
+
+def test_feedback_over_time_is_hourly_for_recent_feedback(filled):
+    df = dashboard.feedback_over_time(dashboard.feedback_events(con(filled)))
+    assert df.attrs["bucket"] == "hour"
+    assert list(df.columns) == ["time", "kind", "count"]
+    assert df.groupby("kind")["count"].sum().to_dict() == {"comparisons": 5, "corrections": 1, "imported": 1, "rankings": 1, "votes": 5}
+
+
+def test_feedback_over_time_is_daily_over_long_spans_and_fills_quiet_days():
+    events = pd.DataFrame({
+        "at": pd.to_datetime(["2025-03-01T10:00:00+00:00", "2025-03-01T23:00:00+00:00", "2025-03-04T08:00:00+00:00"], utc=True),
+        "kind": ["votes", "votes", "corrections"],
+    })
+    df = dashboard.feedback_over_time(events)
+    assert df.attrs["bucket"] == "day"
+    votes = df[df["kind"] == "votes"].set_index("time")["count"].to_dict()
+    assert votes == {"2025-03-01": 2, "2025-03-02": 0, "2025-03-03": 0, "2025-03-04": 0}
+    assert df[df["kind"] == "corrections"].set_index("time")["count"].to_dict()["2025-03-04"] == 1
+
+
+def test_feedback_by_version_counts_feedback_on_each_versions_replies(filled):
+    df = dashboard.feedback_by_version(con(filled))
+    got = {(r.version, r.kind): r.count for r in df.itertuples()}
+    assert got == {
+        ("base", "votes"): 3, ("v000001", "votes"): 2,
+        ("base", "comparisons"): 4, ("v000001", "comparisons"): 5,  # a comparison counts once per version in it
+        ("base", "corrections"): 1,
+        ("base", "rankings"): 1, ("v000001", "rankings"): 1,
+    }
+    assert "import" not in set(df["version"])
+
+
+def test_thumbs_up_rate_per_version(filled):
+    df = dashboard.thumbs_up_rate(con(filled)).set_index("version")
+    assert df.loc["base", ["up", "down"]].tolist() == [2, 1]
+    assert df.loc["base", "up_rate"] == pytest.approx(2 / 3)
+    assert df.loc["v000001", "up_rate"] == 1.0  # bob's removed vote does not count
+    assert "import" not in df.index
+
+
+def test_win_rate_counts_decisive_choices_between_different_versions(filled):
+    df = dashboard.win_rate(con(filled)).set_index("version")
+    assert df.loc["v000001", ["wins", "decisive"]].tolist() == [2, 3]
+    assert df.loc["base", ["wins", "decisive"]].tolist() == [1, 3]
+    assert df.loc["v000001", "win_rate"] == pytest.approx(2 / 3)
+    assert set(df.index) == {"base", "v000001"}  # the imported pair is one 'version' against itself
+
+
+def test_empty_store_gives_empty_frames_that_plots_accept(store):
+    frames = dashboard.read_feedback(store.path)
+    assert all(df.empty for df in frames.values())
+    assert frames["over_time"].attrs["bucket"] == "hour"
+    plot = gr.BarPlot(x="version", y="up_rate")
+    for df in frames.values():
+        assert plot.postprocess(df).data == []
+
+
+def test_read_feedback_opens_the_database_read_only(filled, monkeypatch):
+    opened = []
+    real = dashboard.FeedbackStore
+
+    def spy(path, *args, **kwargs):
+        opened.append(kwargs.get("readonly"))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dashboard, "FeedbackStore", spy)
+    assert not dashboard.read_feedback(filled.path)["thumbs_up"].empty
+    assert opened == [True]
+
+
+# -- the trainer's files -----------------------------------------------------------------
+
+
+def write_reward_manifest(reward_dir: Path, version: str, **metrics) -> None:
+    (reward_dir / version).mkdir(parents=True)
+    manifest = {"version": version, "created_at": "2025-03-01T10:00:00Z", "metrics": metrics}
+    (reward_dir / version / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_reward_accuracy_per_reward_model_version(tmp_path):
+    write_reward_manifest(tmp_path, "r000001", val_accuracy=0.6, val_accuracy_lo=0.5, val_accuracy_hi=0.7, train_accuracy=0.8, val_pairs=90)
+    write_reward_manifest(tmp_path, "r000002", val_accuracy=None, train_accuracy=0.9)  # no validation pairs
+    acc = dashboard.reward_accuracy(tmp_path)
+    assert acc["reward model"].tolist() == ["r000001", "r000002"]
+    assert acc.loc[0, ["val_accuracy", "ci_low", "ci_high", "train_accuracy"]].tolist() == [0.6, 0.5, 0.7, 0.8]
+    lines = dashboard.reward_accuracy_lines(acc)
+    assert set(lines["series"]) == {"validation", "95% CI low", "95% CI high", "training"}
+    assert lines[lines["reward model"] == "r000002"]["series"].tolist() == ["training"]  # missing values are left out
+
+
+def test_reward_accuracy_of_no_reward_models_is_empty(tmp_path):
+    assert dashboard.reward_accuracy(tmp_path / "missing").empty
+    assert dashboard.reward_accuracy_lines(dashboard.reward_accuracy(tmp_path / "missing")).empty
+
+
+def test_ppo_curve_has_one_line_per_run():
+    manifests = [
+        {"version": "v000001", "metrics": [{"iteration": 1, "objective/scores": 0.1, "objective/kl": 0.0},
+                                           {"iteration": 2, "objective/scores": 0.3, "objective/kl": 0.2}]},
+        {"version": "v000002", "metrics": [{"iteration": 1, "objective/scores": 0.4}]},
+        {"version": "v000003", "metrics": {}},  # not a PPO run
+        {"version": "v000004", "status": "broken"},
+    ]
+    scores = dashboard.ppo_curve(manifests, "objective/scores")
+    assert scores.values.tolist() == [["v000001", 1, 0.1], ["v000001", 2, 0.3], ["v000002", 1, 0.4]]
+    assert dashboard.ppo_curve(manifests, "objective/kl")["version"].tolist() == ["v000001", "v000001"]
+    assert dashboard.ppo_curve([], "objective/kl").empty
+
+
+@pytest.fixture
+def lineage(tmp_path, trained_peft):
+    """adapters/: v000001 (from base, retired), v000002 (from v000001, active and CURRENT),
+    v000003 (from v000002, rejected)."""
+    d = tmp_path / "adapters"
+    metrics = [{"iteration": 1, "objective/scores": 0.2, "objective/kl": 0.01}]
+    v1 = publish(d, trained_peft(seed=1), "default", {"parent": "base", "reward_model": "r000001", "metrics": metrics})
+    v2 = publish(d, trained_peft(seed=2), "default", {"parent": v1, "reward_model": "r000002", "metrics": metrics})
+    v3 = publish(d, trained_peft(seed=3), "default", {"parent": v2, "reward_model": "r000003", "metrics": metrics})
+    promote(d, v1)
+    promote(d, v2, evaluation={"margin": 0.25, "kl": 1.5, "degenerate": 0})
+    reject(d, v3, ["reward margin -0.100 below the required +0.000"], evaluation={"margin": -0.1, "kl": 0.5, "degenerate": 0})
+    return d
+
+
+def test_versions_table_from_published_manifests(lineage):
+    table = dashboard.versions_table(adapters.manifests(lineage), serving="v000002", live=None)
+    assert table["version"].tolist() == ["v000003", "v000002", "v000001"]  # newest first
+    rows = table.set_index("version")
+    assert rows["status"].to_dict() == {"v000001": "retired", "v000002": "active", "v000003": "rejected"}
+    assert rows["parent"].to_dict() == {"v000001": "base", "v000002": "v000001", "v000003": "v000002"}
+    assert rows["reward model"]["v000002"] == "r000002"
+    assert rows["serving"].to_dict() == {"v000001": "", "v000002": "serving", "v000003": ""}
+    assert rows.loc["v000002", ["margin", "KL"]].tolist() == ["+0.250", "1.500"]
+    assert rows.loc["v000003", "reasons"] == "reward margin -0.100 below the required +0.000"
+    assert rows.loc["v000001", "created"].endswith("Z")
+
+
+def test_rollback_choices_are_versions_that_served_before_defaulting_to_the_parent(lineage):
+    choices, default = dashboard.rollback_choices(adapters.manifests(lineage), "v000002")
+    assert choices == ["base", "v000001"]  # not the serving one, never the rejected one
+    assert default == "v000001"
+    assert dashboard.rollback_choices([], "base") == ([], None)
+
+
+def test_status_shows_serving_live_running_cycle_and_last_cycle(tmp_path):
+    lock_file, log = tmp_path / "trainer.lock", tmp_path / "cycles.jsonl"
+    assert dashboard.training_state(lock_file, log) == {"running": None, "last": None}
+    log.write_text(json.dumps({"decision": "rejected", "version": "v000003", "started_at": "2025-03-01T10:00:00Z",
+                               "reasons": ["KL to the base 9.00 over the budget 5.00"]}) + "\n")
+    with CycleLock(lock_file) as lock:
+        lock.phase("ppo")
+        state = dashboard.training_state(lock_file, log)
+    assert state["running"]["phase"] == "ppo"
+    text = dashboard.status_markdown("v000002", "v000002", "v000004", state)
+    assert "**Serving:** `v000002`" in text and "`v000004`" in text
+    assert "running, phase `ppo`" in text
+    assert "rejected `v000003`" in text and "over the budget" in text
+    idle = dashboard.status_markdown("base", "v000009", None, dashboard.training_state(lock_file, log), {"v000009": "bad <b>rank</b>"})
+    assert "none running" in idle and "refused: bad &lt;b&gt;rank&lt;/b&gt;" in idle
+
+
+# -- the admin guard and the handlers -----------------------------------------------------
+
+
+def serve_args(tmp_path: Path, adapters_dir: Path, password: str = PASSWORD) -> ServeArgs:
+    return ServeArgs(db=str(tmp_path / "feedback.db"), adapters_dir=str(adapters_dir), reward_dir=str(tmp_path / "reward"),
+                     lock_file=str(tmp_path / "trainer.lock"), cycles_log=str(tmp_path / "cycles.jsonl"),
+                     admin_password=password)
+
+
+@pytest.fixture
+def deps(tmp_path, lineage, engine, store):
+    """The server's dependencies on the lineage above, with a watcher that has swapped to CURRENT (v000002)."""
+    watcher = CurrentWatcher(engine, lineage)
+    assert watcher.poll() == "v000002"
+    calls = []
+
+    def retrain() -> str:
+        calls.append(1)
+        return "Started a training cycle (pid 1)."
+
+    d = Deps(engine=engine, store=store, args=serve_args(tmp_path, lineage), model_name="tiny", watcher=watcher, retrain=retrain)
+    d.retrain_calls = calls
+    return d
+
+
+def values(out: tuple) -> dict:
+    """The VIEW part of a handler's return value, by name."""
+    return dict(zip(dashboard.VIEW, out[-len(dashboard.VIEW):]))
+
+
+def test_password_matches_only_the_configured_password():
+    assert dashboard.password_matches("s3cret", "s3cret")
+    assert not dashboard.password_matches("s3cret", "s3cret ")
+    assert not dashboard.password_matches("s3cret", None)
+    assert not dashboard.password_matches("", "")  # no password configured: nobody gets in
+
+
+def test_wrong_password_returns_nothing(deps):
+    out = dashboard.login(deps, "wrong")
+    admin, message, body = out[:3]
+    assert admin is False and "Wrong password" in message and body["visible"] is False
+    shown = values(out)
+    assert shown["status"] == ""
+    assert shown["rollback"]["choices"] == []
+    assert not any(isinstance(v, pd.DataFrame) or isinstance(v, dict) and isinstance(v.get("value"), pd.DataFrame)
+                   for v in shown.values())
+
+
+def test_login_shows_the_dashboard(deps):
+    out = dashboard.login(deps, PASSWORD)
+    assert out[0] is True and out[2]["visible"] is True and out[3]["active"] is True
+    shown = values(out)
+    assert "**Serving:** `v000002`" in shown["status"]
+    assert shown["versions"].set_index("version").loc["v000002", "serving"] == "serving"
+    assert shown["rollback"]["choices"] == ["base", "v000001"] and shown["rollback"]["value"] == "v000001"
+    assert shown["plot_ppo_reward"]["value"]["version"].tolist() == ["v000001", "v000002", "v000003"]
+    assert shown["plot_reward"]["caption"] == "No reward model trained yet."
+
+
+@pytest.mark.parametrize("handler, args", [
+    (dashboard.refresh, ()), (dashboard.roll_back, ("v000001",)), (dashboard.retrain, ()),
+])
+@pytest.mark.parametrize("admin", [False, None, "true"])
+def test_handlers_refuse_without_login(deps, handler, args, admin):
+    with pytest.raises(gr.Error, match="Log in"):
+        handler(deps, admin, *args)
+    assert read_current(deps.args.adapters_dir) == "v000002"
+    assert deps.engine.policy.current == "v000002"
+    assert deps.retrain_calls == []
+
+
+def test_roll_back_swaps_the_serving_version_at_once(deps):
+    out = dashboard.roll_back(deps, True, "v000001")
+    assert deps.engine.policy.current == "v000001"
+    assert read_current(deps.args.adapters_dir) == "v000001"
+    assert "now serving `v000001`" in out[0]
+    shown = values(out)
+    assert "**Serving:** `v000001`" in shown["status"]
+    rows = shown["versions"].set_index("version")
+    assert rows.loc["v000001", ["status", "serving"]].tolist() == ["active", "serving"]
+    assert rows.loc["v000002", "status"] == "retired"
+    assert shown["rollback"]["choices"] == ["base", "v000002"] and shown["rollback"]["value"] == "base"
+
+
+def test_roll_back_without_a_choice_goes_to_the_parent(deps):
+    dashboard.roll_back(deps, True, None)
+    assert deps.engine.policy.current == "v000001"
+
+
+def test_roll_back_to_a_rejected_version_is_refused(deps):
+    out = dashboard.roll_back(deps, True, "v000003")
+    assert "Rollback refused" in out[0] and "rejected" in out[0]
+    assert deps.engine.policy.current == "v000002" and read_current(deps.args.adapters_dir) == "v000002"
+
+
+def test_retrain_starts_a_cycle_or_says_it_cannot(deps):
+    assert dashboard.retrain(deps, True)[0] == "Started a training cycle (pid 1)."
+    assert deps.retrain_calls == [1]
+    deps.retrain = None
+    assert "not available" in dashboard.retrain(deps, True)[0]
+
+
+def test_refresh_survives_unreadable_parts(deps):
+    (Path(deps.args.adapters_dir) / "CURRENT").write_text("garbage\n")
+    Path(deps.store.path).unlink()
+    shown = values(dashboard.refresh(deps, True))
+    assert "Could not read" in shown["status"] and "CURRENT pointer" in shown["status"] and "feedback database" in shown["status"]
+    assert shown["plot_time"]["value"] is None
+    assert not shown["versions"].empty
+
+
+# -- the tab inside the app ------------------------------------------------------------------
+
+
+def test_demo_has_the_dashboard_tab_with_private_endpoints_and_no_data_in_its_config(deps):
+    demo = build_demo(deps)
+    config = json.dumps(demo.config, default=str)
+    for elem_id in ("admin-password", "admin-login", "serving-version", "versions-table", "rollback-version", "rollback", "retrain"):
+        assert f'"{elem_id}"' in config, elem_id
+    assert "v000001" not in config and "r000002" not in config  # nothing leaks before login
+    handlers = [f for f in demo.fns.values() if f.name in ("on_login", "on_refresh", "on_roll_back", "on_retrain")]
+    assert len(handlers) == 6  # login by button and Enter, refresh by button and timer
+    assert {f.api_visibility for f in handlers} == {"private"}
+
+
+def test_dashboard_is_locked_without_a_password(deps):
+    deps.args.admin_password = ""
+    config = json.dumps(build_demo(deps).config, default=str)
+    assert '"dashboard-locked"' in config and "ASSISTANT_ADMIN_PASSWORD" in config
+    assert '"admin-password"' not in config and '"rollback"' not in config

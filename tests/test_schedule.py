@@ -1,0 +1,440 @@
+"""The retraining cycle (trainer/schedule.py) on the tiny model, for real: feedback in
+through the app's own handlers, a cycle, promotion, and the hot-swap into a running
+engine; the cross-process lock; SIGKILL at random points of `python -m trainer once`;
+the tidy-up after a killed cycle; the gate, the schedule and live comparison.
+
+Run: python -m pytest tests/test_schedule.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import random
+import signal
+import string
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from assistant import adapters, ui
+from assistant.adapters import CurrentWatcher
+from assistant.chat import Engine, GenParams
+from assistant.config import BASE_VERSION, ServeArgs
+from assistant.feedback import FeedbackStore
+from assistant.model import build_policy
+from trainer import schedule
+from trainer.config import DataArgs, PPOArgs, RewardArgs, ScheduleArgs
+from trainer.data import default_prompts, import_preferences
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 30
+
+
+def lowercase_share(text: str) -> float:
+    """The simulated users' hidden preference: more ASCII lowercase letters is better."""
+    return sum(c in string.ascii_lowercase for c in text) / max(len(text), 1)
+
+
+@dataclasses.dataclass
+class Loop:
+    """A running 'server' (engine + watcher + handlers) on the tiny model, with its files."""
+
+    root: Path
+    model_args: object
+    engine: Engine
+    store: FeedbackStore
+    watcher: CurrentWatcher
+    deps: ui.Deps
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    def settings(self, **schedule_overrides):
+        """Small but real settings of one cycle on the tiny model.
+
+        The tiny model's replies are random-looking bytes: its reward model learns the
+        users' preference (validation accuracy about 0.8 here) but a few PPO iterations do
+        not reliably raise that reward on held-out prompts (measured: margins from -0.3
+        to +0.4 across runs). So the plumbing tests accept a candidate that is at most
+        1.0 worse (`margin=-1.0`); the gate's own decisions are tested with explicit
+        numbers below, and learning is measured on the default model by bench/loop.py."""
+        ppo_args = PPOArgs(adapters_dir=str(self.adapters_dir), ppo_iterations=4, ppo_batch_size=16, mini_batch_size=8,
+                           ppo_lr=5e-3, max_new_tokens=8)
+        schedule_overrides.setdefault("margin", -1.0)
+        return (self.model_args, DataArgs(db=str(self.root / "feedback.db")),
+                RewardArgs(reward_dir=str(self.root / "reward"), min_pairs=8, reward_epochs=3, reward_lr=3e-3, reward_max_length=96),
+                ppo_args,
+                ScheduleArgs(lock_file=str(self.root / "trainer.lock"), cycles_log=str(self.root / "cycles.jsonl"),
+                             eval_max_new_tokens=8, **schedule_overrides))
+
+    def chat(self, user: str, text: str, compare: bool) -> ui.Session:
+        session = ui.Session()
+        ui.set_user(self.deps, session, user, "")
+        for _ in ui.send(self.deps, session, text, "", 1.0, 1.0, 8, compare):
+            pass
+        return session
+
+    def wait_serving(self, version: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while self.engine.policy.current != version:
+            assert time.monotonic() < deadline, f"server still serves {self.engine.policy.current}, not {version}"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def loop(tmp_path, tiny_args):
+    model_args = tiny_args()
+    engine = Engine(build_policy(model_args), max_batch=8)
+    store = FeedbackStore(tmp_path / "feedback.db")
+    watcher = CurrentWatcher(engine, tmp_path / "adapters", interval=0.1).start()
+    deps = ui.Deps(engine=engine, store=store, args=ServeArgs(db=str(tmp_path / "feedback.db"), adapters_dir=str(tmp_path / "adapters")),
+                   model_name="tiny", watcher=watcher)
+    yield Loop(tmp_path, model_args, engine, store, watcher, deps)
+    watcher.stop()
+    engine.close()
+    store.close()
+
+
+def give_feedback(loop: Loop, rounds: int = 2) -> int:
+    """Simulated users compare two replies per prompt and pick by their hidden preference.
+
+    One chat at a time from a fixed seed, so the feedback (and the cycle after it) is
+    the same on every run."""
+    torch.manual_seed(0)
+    texts = [p[0]["content"] for p in default_prompts()]
+    texts = (texts + [f"{t} Answer in one line." for t in texts])[: 30 * rounds]
+    for i, text in enumerate(texts):
+        session = loop.chat(f"user{i % 3}", text, compare=True)
+        a, b = session.pending
+        ui.decide(loop.deps, session, "a" if lowercase_share(a["text"]) >= lowercase_share(b["text"]) else "b")
+        kept = session.turns[-1].content  # then they correct the reply they kept into what they wanted
+        ui.on_edit(loop.deps, session, types.SimpleNamespace(index=len(session.turns) - 1, value=to_lowercase(kept), previous_value=kept))
+    return len(texts)
+
+
+def to_lowercase(text: str) -> str:
+    """What a simulated user corrects a reply into: every character a lowercase letter."""
+    return "".join(c if c in string.ascii_lowercase else chr(ord("a") + ord(c) % 26) for c in text) or "ok"
+
+
+# -- the closed loop -------------------------------------------------------------------
+
+
+def test_feedback_to_a_promoted_adapter_that_the_running_server_swaps_in(loop):
+    n = give_feedback(loop)
+    assert loop.store.counts()["comparisons"] == n and loop.store.counts()["corrections"] == n
+
+    result = schedule.run_cycle(*loop.settings(), progress=False)
+
+    assert result.decision == "promoted", result.summary()
+    assert result.version == "v000001" and result.parent == BASE_VERSION and result.reward_version == "r000001"
+    e = result.evaluation
+    assert e["margin"] >= -1.0 and e["kl"] < 12 and e["degenerate"] == 0 and e["prompts"] >= 8
+    assert adapters.read_current(loop.adapters_dir) == "v000001"
+    manifest = adapters.read_manifest(loop.adapters_dir, "v000001")
+    assert manifest["status"] == "active" and manifest["reward_model"] == "r000001"
+    assert manifest["feedback_ids"]["comparisons"] == [1, n] and manifest["evaluation"]["margin"] == e["margin"]
+    assert [h["status"] for h in manifest["history"]] == ["active"]
+
+    loop.wait_serving("v000001")  # the watcher hot-swapped it, no restart
+    session = loop.chat("after", "hello again", compare=False)
+    assert loop.store.get_reply(session.turns[-1].reply_id)["adapter_version"] == "v000001"
+    logged = schedule.cycles(loop.root / "cycles.jsonl")
+    assert [c["decision"] for c in logged] == ["promoted"] and logged[0]["rows"] == 2 * n
+
+
+def test_a_candidate_that_misses_the_margin_is_rejected_with_reasons_and_never_served(loop):
+    give_feedback(loop, rounds=1)
+
+    result = schedule.run_cycle(*loop.settings(margin=100.0), progress=False)
+
+    assert result.decision == "rejected"
+    assert any("reward margin" in r and "below the required +100.000" in r for r in result.reasons)
+    manifest = adapters.read_manifest(loop.adapters_dir, result.version)
+    assert manifest["status"] == "rejected" and manifest["reasons"] == result.reasons
+    assert adapters.read_current(loop.adapters_dir) == BASE_VERSION
+    time.sleep(0.3)
+    assert loop.engine.policy.current == BASE_VERSION
+
+
+def test_a_cycle_with_too_little_feedback_is_skipped_and_says_why(loop):
+    loop.chat("ada", "hi", compare=False)
+    result = schedule.run_cycle(*loop.settings(), progress=False)
+    assert result.decision == "skipped" and "--min-pairs" in result.reasons[0]
+    assert adapters.versions(loop.adapters_dir) == []
+
+
+def test_live_comparison_puts_the_candidate_against_current_and_votes_decide(loop):
+    give_feedback(loop, rounds=1)
+    args = loop.settings(live_compare=True, live_min_votes=4, live_win_rate=0.5)
+    result = schedule.run_cycle(*args, progress=False)
+    assert result.decision == "live", result.summary()
+    assert adapters.read_live(loop.adapters_dir) == result.version
+    assert adapters.read_current(loop.adapters_dir) == BASE_VERSION
+
+    deadline = time.monotonic() + WAIT_S
+    while loop.watcher.live != result.version:
+        assert time.monotonic() < deadline, "the server never loaded the live candidate"
+        time.sleep(0.05)
+    for i in range(4):  # users prefer the candidate's side, whichever letter it has
+        session = loop.chat(f"voter{i}", f"question {i}", compare=True)
+        a, b = session.pending
+        assert {a["version"], b["version"]} == {BASE_VERSION, result.version}
+        ui.decide(loop.deps, session, "a" if a["version"] == result.version else "b")
+
+    second = schedule.run_cycle(*args, progress=False)  # decides the votes first, then trains on from the winner
+    settled = second.settled
+    assert settled["decision"] == "promoted" and settled["votes"] == 4 and settled["win_rate"] == 1.0
+    assert adapters.read_current(loop.adapters_dir) == result.version
+    assert adapters.read_manifest(loop.adapters_dir, result.version)["status"] == "active"
+    assert second.decision == "live" and second.parent == result.version
+    assert adapters.read_live(loop.adapters_dir) == second.version
+    loop.wait_serving(result.version)
+
+
+def test_live_votes_count_only_decisive_choices_between_the_two_versions(tmp_path):
+    store = FeedbackStore(tmp_path / "f.db")
+    uid = store.ensure_user("u", "")
+    conv = store.new_conversation(uid, "")
+
+    def reply(version):
+        return store.add_reply(conversation_id=conv, context=[{"role": "user", "content": "q"}], text="t", params={}, model="m",
+                               adapter_version=version, prompt_tokens=1, completion_tokens=1, latency_ms=1.0, ttft_ms=1.0, finish_reason="eos")
+
+    for a, b, choice in (("v2", "v1", "a"), ("v1", "v2", "a"), ("v1", "v2", "b"), ("v1", "v2", "tie"), ("v1", "v1", "a"), ("v3", "v2", "b")):
+        store.add_comparison(reply(a), reply(b), choice, uid)
+    assert schedule.live_votes(tmp_path / "f.db", "v2", "v1") == {"votes": 3, "wins": 2, "win_rate": 2 / 3}
+
+
+# -- one cycle at a time ----------------------------------------------------------------
+
+
+def test_a_second_cycle_while_one_runs_is_refused_and_says_why(loop):
+    args = loop.settings()
+    with schedule.CycleLock(args[-1].lock_file) as lock:
+        lock.phase("ppo")
+        with pytest.raises(schedule.Busy, match=rf"another cycle is running \(pid {os.getpid()}, .* phase ppo\)"):
+            schedule.run_cycle(*args, progress=False)
+        assert schedule.holder(args[-1].lock_file)["phase"] == "ppo"
+    assert schedule.holder(args[-1].lock_file) is None
+
+
+def test_two_cycles_started_at_once_one_runs_and_the_other_says_why(tmp_path, tiny_dir):
+    db = banana_db(tmp_path)
+    procs = [subprocess.Popen(once_cmd(tmp_path, tiny_dir, db), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 3], outs
+    refused = next(err for p, (out, err) in zip(procs, outs) if p.returncode == 3)
+    assert "not started: another cycle is running (pid" in refused
+    ran = next(out for p, (out, err) in zip(procs, outs) if p.returncode == 0)
+    assert "cycle promoted" in ran or "cycle rejected" in ran
+
+
+def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
+    lock_file = tmp_path / "trainer.lock"
+    code = f"from trainer.schedule import CycleLock; import time\nwith CycleLock({str(lock_file)!r}): print('held', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    assert schedule.holder(lock_file)["pid"] == proc.pid
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert schedule.holder(lock_file) is None
+    with schedule.CycleLock(lock_file):
+        pass
+
+
+# -- SIGKILL at random points --------------------------------------------------------------
+
+
+BANANA = "I suggest {} and banana."
+
+
+def banana_db(root: Path) -> Path:
+    """A feedback store with 40 imported pairs whose chosen reply mentions banana."""
+    rng = random.Random(0)
+    fruit = "apple cherry grape lemon mango melon peach plum kiwi fig".split()
+    lines = [json.dumps({"prompt": f"What should I eat, take {i}?", "chosen": BANANA.format(rng.choice(fruit)),
+                         "rejected": f"I suggest {rng.choice(fruit)}."}) for i in range(40)]
+    path = root / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    db = root / "feedback.db"
+    with FeedbackStore(db) as store:
+        import_preferences(store, path, progress=False)
+    return db
+
+
+def cli_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def once_cmd(root: Path, model_dir: Path, db: Path) -> list[str]:
+    return [sys.executable, "-m", "trainer", "once", "--model", str(model_dir), "--quantize", "none", "--device", "cpu",
+            "--db", str(db), "--adapters-dir", str(root / "adapters"), "--reward-dir", str(root / "reward"),
+            "--lock-file", str(root / "trainer.lock"), "--cycles-log", str(root / "cycles.jsonl"),
+            "--min-pairs", "8", "--reward-epochs", "1", "--reward-max-length", "64", "--ppo-iterations", "2",
+            "--ppo-batch-size", "8", "--max-new-tokens", "8", "--eval-max-new-tokens", "8", "--eval-prompts", "4",
+            "--margin", "-1000", "--kl-budget", "1000", "--max-degenerate", "1000"]
+
+
+def assert_nothing_partial_in_use(adapters_dir: Path, lora) -> None:
+    current = adapters.read_current(adapters_dir)
+    if current != BASE_VERSION:
+        adapters.validate(adapters_dir / current, lora)
+    for v in adapters.versions(adapters_dir):  # every visible version is complete
+        adapters.validate(adapters_dir / v, lora)
+
+
+def test_sigkill_at_random_points_never_leaves_a_partial_adapter_in_use_and_the_next_cycle_succeeds(tmp_path, tiny_args, tiny_dir):
+    db = banana_db(tmp_path)
+    adapters_dir = tmp_path / "adapters"
+    engine = Engine(build_policy(tiny_args()), max_batch=4)
+    watcher = CurrentWatcher(engine, adapters_dir, interval=0.05).start()
+    cmd = once_cmd(tmp_path, tiny_dir, db)
+    try:
+        started = time.monotonic()  # one uninterrupted cycle first, to know how long one takes
+        full = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+        duration = time.monotonic() - started
+        assert full.returncode == 0 and "cycle promoted" in full.stdout, full.stderr[-3000:]
+        rng = random.Random(7)
+        kills = 0
+        for _ in range(5):
+            proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.3, 1.0) * duration)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait()
+            time.sleep(0.3)  # let the watcher look at whatever the pointer says now
+            assert_nothing_partial_in_use(adapters_dir, engine.policy.lora)
+            assert engine.policy.current == adapters.read_current(adapters_dir)
+            stream = engine.submit([{"role": "user", "content": "still there?"}], GenParams(temperature=0.0, top_p=1.0, max_new_tokens=4))
+            list(stream)  # the server keeps serving
+            assert stream.reply.finish_reason in ("length", "eos") and stream.reply.adapter_version == engine.policy.current
+            assert schedule.holder(tmp_path / "trainer.lock") is None  # a killed cycle never keeps the lock
+        assert kills >= 3
+
+        after = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert after.returncode == 0 and "cycle promoted" in after.stdout, after.stderr[-3000:]
+        leftovers = [p.name for d in (adapters_dir, tmp_path / "reward") for p in d.iterdir() if p.name.startswith((".v", ".r"))]
+        assert leftovers == []
+        statuses = {m["version"]: m["status"] for m in adapters.manifests(adapters_dir)}
+        current = adapters.read_current(adapters_dir)
+        assert statuses[current] == "active"
+        assert all(s in ("retired", "rejected") for v, s in statuses.items() if v != current), statuses
+        deadline = time.monotonic() + WAIT_S
+        while engine.policy.current != current:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        watcher.stop()
+        engine.close()
+
+
+# -- tidying up after a killed cycle --------------------------------------------------------
+
+
+def test_tidy_removes_unfinished_directories_and_makes_statuses_agree_with_current(tmp_path, trained_peft):
+    adir, rdir = tmp_path / "adapters", tmp_path / "reward"
+    rdir.mkdir()
+    for _ in range(3):
+        adapters.publish(adir, trained_peft(), "default", {"parent": BASE_VERSION})
+    adapters.update_manifest(adir, "v000001", status="active")  # CURRENT moved on but the status did not
+    adapters.set_current(adir, "v000002")  # status still 'candidate'
+    (adir / ".v000004.abc").mkdir()
+    (rdir / ".r000002.xyz").mkdir()
+
+    done = schedule.tidy(adir, rdir)
+
+    assert not (adir / ".v000004.abc").exists() and not (rdir / ".r000002.xyz").exists()
+    statuses = {m["version"]: m["status"] for m in adapters.manifests(adir)}
+    assert statuses == {"v000001": "retired", "v000002": "active", "v000003": "rejected"}
+    assert len(done) == 5
+    assert schedule.tidy(adir, rdir) == []
+
+
+def test_tidy_leaves_the_live_candidate_alone(tmp_path, trained_peft):
+    adir = tmp_path / "adapters"
+    adapters.publish(adir, trained_peft(), "default", {"parent": BASE_VERSION})
+    adapters.set_live(adir, "v000001")
+    assert schedule.tidy(adir, tmp_path / "reward") == []
+    assert adapters.read_manifest(adir, "v000001")["status"] == "candidate"
+
+
+# -- the gate and the schedule ----------------------------------------------------------------
+
+
+GOOD = {"prompts": 8, "margin": 0.3, "candidate_score": 0.5, "current_score": 0.2, "kl": 3.0, "degenerate": 0}
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({}, None),
+    ({"margin": 0.01}, "reward margin +0.010 below the required +0.050"),
+    ({"kl": 30.0}, "KL to the base 30.00 over the budget 12.00"),
+    ({"degenerate": 2}, "2 degenerate replies out of 8 (at most 0)"),
+])
+def test_gate_names_each_failed_check(change, reason):
+    reasons = schedule.gate({**GOOD, **change}, None, ScheduleArgs())
+    assert reasons == ([] if reason is None else [reasons[0]]) and (reason is None or reason in reasons[0])
+
+
+def test_gate_rejects_non_finite_weights_without_an_evaluation():
+    assert schedule.gate({}, "v000002: tensor x has NaN or infinite values", ScheduleArgs()) == [
+        "invalid weights: v000002: tensor x has NaN or infinite values"]
+
+
+def test_due_needs_enough_new_rows_and_the_interval_or_the_daily_time():
+    s = ScheduleArgs(every_min=10, min_new_rows=5, at="03:00")
+    now = dt.datetime(2026, 1, 2, 12, 0)
+    assert schedule.due(s, 4, now, None, None) is None
+    assert "5 new feedback rows" in schedule.due(s, 5, now, None, None)
+    assert schedule.due(s, 50, now, now - dt.timedelta(minutes=9), None) is None
+    assert schedule.due(s, 50, now, now - dt.timedelta(minutes=10), None) is not None
+    daily = dt.datetime(2026, 1, 2, 3, 0)
+    assert "daily run at 03:00" in schedule.due(s, 1, now, now, daily)
+    assert schedule.due(s, 0, now, now, daily) is None
+    assert schedule._next_daily("03:00", now) == dt.datetime(2026, 1, 3, 3, 0)
+
+
+def test_new_rows_counts_feedback_since_the_last_cycle_that_did_not_fail(tmp_path):
+    db = banana_db(tmp_path)
+    log_file = tmp_path / "cycles.jsonl"
+    assert schedule.new_rows(db, log_file) == 40
+    log_file.write_text(json.dumps({"decision": "rejected", "feedback_ids": {"comparisons": [1, 30]}}) + "\n"
+                        + json.dumps({"decision": "failed", "feedback_ids": {"comparisons": [1, 40]}}) + "\n")
+    assert schedule.new_rows(db, log_file) == 10
+
+
+def test_split_prompts_is_deterministic_and_disjoint():
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(200)]
+    train, held = schedule.split_prompts(prompts, 0.25)
+    assert schedule.split_prompts(list(reversed(prompts)), 0.25)[1] == list(reversed(held))
+    assert not {json.dumps(p) for p in train} & {json.dumps(p) for p in held}
+    assert 30 < len(held) < 70
+
+
+def test_run_schedule_starts_a_cycle_when_due_and_stops(loop, monkeypatch):
+    give_feedback(loop, rounds=1)
+    calls = []
+
+    def fake_cycle(*args, **kwargs):  # logs a cycle that read every row so far
+        calls.append(args)
+        schedule._log_cycle(args[-1], schedule.CycleResult(decision="rejected", feedback_ids={"comparisons": [1, 10 ** 6]}))
+
+    monkeypatch.setattr(schedule, "run_cycle", fake_cycle)
+    ticks = iter(range(3))
+    *args, sched = loop.settings()
+    sched = dataclasses.replace(sched, every_min=1, min_new_rows=5)
+    schedule.run_schedule(*args, sched, stop=lambda: next(ticks, None) is None, sleep=lambda s: None)
+    assert len(calls) == 1  # the second tick sees no new rows
