@@ -15,6 +15,7 @@ import time
 import pytest
 from safetensors.torch import load_file, save_file
 
+from assistant import adapters as adapters_mod
 from assistant.adapters import (
     POINTER,
     REQUIRED_FILES,
@@ -367,3 +368,107 @@ def test_rollback_to_an_older_version(engine, policy, published, trained_peft, h
     drain(stream)
     assert stream.reply.adapter_version == "v000001"
     assert stream.reply.text == hf_greedy(trained_peft(seed=1), policy.tokenizer, QUESTION, 16)
+
+
+# -- the watcher, promotion and rollback ----------------------------------------------------
+
+
+def break_adapter(path, how: str) -> None:
+    if how == "nan":
+        corrupt_weights(path, with_value(float("nan")))
+    elif how == "missing file":
+        (path / "adapter_model.safetensors").unlink()
+    elif how == "wrong rank":
+        import json
+
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg["r"] = 4
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("how, why", [("nan", "NaN"), ("wrong rank", "rank/alpha 4/"), ("missing file", "missing adapter_model.safetensors")])
+def test_watcher_refuses_a_bad_promoted_adapter_with_a_log_line_and_keeps_serving(engine, policy, published, drain, caplog, how, why):
+    watcher = adapters_mod.CurrentWatcher(engine, published)
+    adapters_mod.set_current(published, "v000001")
+    assert watcher.poll() == "v000001"
+    break_adapter(published / "v000002", how)
+    adapters_mod.set_current(published, "v000002")
+
+    with caplog.at_level("ERROR", logger="assistant.adapters"):
+        assert watcher.poll() == "v000001"
+        assert watcher.poll() == "v000001"
+    refusals = [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()]
+    assert len(refusals) == 1 and why in refusals[0] and "v000001 keeps serving" in refusals[0]
+    stream = engine.submit(QUESTION, greedy(4))
+    drain(stream)
+    assert stream.reply.adapter_version == "v000001"
+
+
+def test_watcher_follows_a_new_pointer_after_refusing_one(engine, published, trained_peft):
+    watcher = adapters_mod.CurrentWatcher(engine, published)
+    break_adapter(published / "v000002", "nan")
+    adapters_mod.set_current(published, "v000002")
+    assert watcher.poll() == BASE_VERSION
+    publish(published, trained_peft(seed=3), "default", dict(MANIFEST), make_current=True)
+    assert watcher.poll() == "v000003"
+
+
+def test_watcher_survives_a_garbled_pointer(engine, published, caplog):
+    watcher = adapters_mod.CurrentWatcher(engine, published)
+    (published / "CURRENT").write_text("../../etc\n")
+    with caplog.at_level("ERROR", logger="assistant.adapters"):
+        assert watcher.poll() == BASE_VERSION
+    assert "not a version name" in caplog.text
+
+
+def test_watcher_thread_swaps_within_its_interval(engine, published):
+    watcher = adapters_mod.CurrentWatcher(engine, published, interval=0.05).start()
+    try:
+        adapters_mod.promote(published, "v000002")
+        deadline = time.monotonic() + 10
+        while engine.policy.current != "v000002":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        watcher.stop()
+
+
+def test_promote_then_rollback_moves_statuses_and_the_pointer(published):
+    adapters_mod.promote(published, "v000001")
+    adapters_mod.update_manifest(published, "v000002", parent="v000001")
+    assert adapters_mod.promote(published, "v000002") == "v000001"
+    status = lambda v: adapters_mod.read_manifest(published, v)["status"]  # noqa: E731
+    assert (status("v000001"), status("v000002")) == ("retired", "active")
+
+    assert adapters_mod.rollback(published) == ("v000002", "v000001")  # default: the parent
+    assert adapters_mod.read_current(published) == "v000001"
+    assert (status("v000001"), status("v000002")) == ("active", "retired")
+    history = adapters_mod.read_manifest(published, "v000002")["history"]
+    assert [h["status"] for h in history] == ["active", "retired"] and "rolled back to v000001" in history[-1]["reason"]
+    assert adapters_mod.rollback(published, BASE_VERSION) == ("v000001", BASE_VERSION)
+
+
+def test_rollback_refuses_versions_never_served_and_broken_ones(published, policy):
+    adapters_mod.promote(published, "v000001")
+    with pytest.raises(InvalidAdapter, match="v000002 is candidate"):
+        adapters_mod.rollback(published, "v000002")
+    adapters_mod.reject(published, "v000002", ["margin too small"])
+    with pytest.raises(InvalidAdapter, match="v000002 is rejected"):
+        adapters_mod.rollback(published, "v000002")
+    with pytest.raises(InvalidAdapter, match="already serving"):
+        adapters_mod.rollback(published, "v000001")
+    adapters_mod.rollback(published, BASE_VERSION)
+    corrupt_weights(published / "v000001", with_value(float("inf")))
+    with pytest.raises(InvalidAdapter, match="infinite"):
+        adapters_mod.rollback(published, "v000001", lora=policy.lora)
+    assert adapters_mod.read_current(published) == BASE_VERSION
+
+
+def test_rollback_cli_prints_the_change(published, capsys):
+    from trainer.__main__ import main
+
+    adapters_mod.promote(published, "v000001")
+    assert main(["rollback", "base", "--adapters-dir", str(published)]) == 0
+    assert "CURRENT: v000001 -> base" in capsys.readouterr().out
+    assert main(["rollback", "v000002", "--adapters-dir", str(published)]) == 2
+    assert "v000002 is candidate" in capsys.readouterr().err
