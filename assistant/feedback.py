@@ -730,7 +730,7 @@ class FeedbackStore:
                 user_id, profile = found
                 if profile != source_file:
                     db.execute("UPDATE users SET profile = ? WHERE id = ?", [source_file, user_id])
-            conversation_id = uuid.uuid4().hex
+            conversation_id = "import-" + key[:32]  # from the pair's content: the same file splits the same way in any store
             _insert(db, "conversations", {
                 "id": conversation_id, "user_id": user_id, "system_prompt": system_prompt, "created_at": now,
             })

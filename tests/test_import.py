@@ -118,6 +118,19 @@ def test_hh_split_puts_no_prompt_on_both_sides(hh):
     assert not {p.prompt for p in train.pairs} & {p.prompt for p in val.pairs}
 
 
+def test_the_same_file_imported_into_a_fresh_store_splits_the_same_way(hh, tmp_path):
+    db, _ = hh
+    again = tmp_path / "again.db"
+    with FeedbackStore(again) as store:
+        import_preferences(store, HH, progress=False)
+
+    def sides(path):
+        train, val = split(build_examples(read_snapshot(path)), 0.2, "split-v1")
+        return {(p.prompt, p.chosen) for p in train.pairs}, {(p.prompt, p.chosen) for p in val.pairs}
+
+    assert sides(again) == sides(db)
+
+
 # -- TRL preference format -----------------------------------------------------------
 
 
