@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-fast browser model bench-deps bench-serve bench-reward bench-ppo clean
+.PHONY: venv run test test-fast browser model bench-deps bench-serve bench-reward bench-ppo bench-swap bench-loop clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ bench-reward: model bench-deps
 
 bench-ppo: model bench-deps
 	$(PY) bench/ppo.py $(ARGS)
+
+bench-swap: model
+	$(PY) bench/swap.py $(ARGS)
+
+bench-loop: model
+	$(PY) bench/loop.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
