@@ -188,12 +188,18 @@ def _walk_through(page, url: str) -> None:
     # -- greedy decoding, so the reply is the model's deterministic one
     page.get_by_text("Settings", exact=True).first.click()
     temperature = page.get_by_label("number input for Temperature (0 = greedy)")
-    temperature.fill("0")
-    temperature.press("Enter")
-    temperature.blur()
-    page.wait_for_function(
-        "() => document.querySelector('input[aria-label=\"range slider for Temperature (0 = greedy)\"]').value === '0'"
-    )
+    temperature.wait_for(state="visible", timeout=START_S * 1000)
+    slider_is_zero = "() => document.querySelector('input[aria-label=\"range slider for Temperature (0 = greedy)\"]').value === '0'"
+    for attempt in range(5):  # on a loaded machine the first edit can land before the accordion has settled
+        temperature.fill("0")
+        temperature.press("Enter")
+        temperature.blur()
+        try:
+            page.wait_for_function(slider_is_zero, timeout=20_000)
+            break
+        except Exception as exc:  # playwright's TimeoutError; the import is optional at module level
+            if attempt == 4 or "Timeout" not in type(exc).__name__:
+                raise
 
     # -- ask; the reply streams into the chatbot
     page.evaluate(WATCH_JS)
