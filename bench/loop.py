@@ -336,15 +336,11 @@ def reply_stats(rows: list[dict], pref) -> dict:
     }
 
 
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float, float]:
+def wilson(successes: float, n: int) -> tuple[float, float, float]:
     """(rate, lo, hi): 95% Wilson score interval; ties count as half a success."""
-    if n == 0:
-        return float("nan"), 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    from trainer.reward import accuracy_ci
+
+    return accuracy_ci(successes, n)
 
 
 def read_json(path: Path) -> dict:
