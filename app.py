@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from assistant import adapters
+from assistant import adapters, cycles
 from assistant.chat import Engine
 from assistant.config import ModelArgs, ServeArgs, add_args, from_args
 from assistant.feedback import FeedbackStore, StoreUnavailable
@@ -108,9 +108,7 @@ def main(argv=None) -> None:
         log.info("scheduled trainer started (pid %d); --no-trainer turns it off", trainer.pid)
 
     def retrain() -> str:
-        from trainer.schedule import holder
-
-        running = holder(serve_args.lock_file)
+        running = cycles.holder(serve_args.lock_file)
         if running is not None:
             return f"A cycle is already running (pid {running.get('pid')}, phase {running.get('phase')})."
         proc = start_trainer(trainer_command(model_args, serve_args, "once"), tied=False)

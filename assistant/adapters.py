@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from assistant.config import BASE_VERSION
 
@@ -125,8 +125,12 @@ def set_live(adapters_dir: str | Path, version: str | None) -> None:
     _write_pointer(d, LIVE_POINTER, version)
 
 
-def publish(adapters_dir: str | Path, model, adapter_name: str, manifest: dict, make_current: bool = False) -> str:
-    """Save `adapter_name` of peft `model` as the next version; returns its name."""
+def publish(adapters_dir: str | Path, model, adapter_name: str, manifest: dict, make_current: bool = False,
+            tensors: dict[str, dict] | None = None) -> str:
+    """Save `adapter_name` of peft `model` as the next version; returns its name.
+
+    `tensors` {file name: {name: tensor}} are saved beside the adapter (safetensors),
+    e.g. the trainer's value head, inside the same atomic publish."""
     d = Path(adapters_dir)
     d.mkdir(parents=True, exist_ok=True)
     existing = versions(d)
@@ -138,6 +142,8 @@ def publish(adapters_dir: str | Path, model, adapter_name: str, manifest: dict, 
         for f in saved.iterdir():
             os.replace(f, tmp / f.name)
         saved.rmdir()
+    for name, state in (tensors or {}).items():
+        save_file(state, str(tmp / name))
     manifest = {"version": version, "status": "candidate", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     for f in tmp.iterdir():

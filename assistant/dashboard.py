@@ -24,9 +24,9 @@ handlers after login. With no password configured (--admin-password or
 ASSISTANT_ADMIN_PASSWORD) the tab only says how to set one and wires nothing.
 
 What it is not: a writer of feedback (the database is opened read-only), a trainer,
-or a second adapter format: the trainer's files are read through the trainer's own
-readers (`trainer.reward`, `trainer.schedule`), the one place where the server
-imports trainer code. Times are UTC.
+or a second adapter format: the trainer's files are read through `assistant.cycles`
+and `assistant.adapters`, the `data/` contract; the server imports no trainer code.
+Times are UTC.
 """
 
 from __future__ import annotations
@@ -43,11 +43,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from assistant import adapters
+from assistant import adapters, cycles
 from assistant.config import BASE_VERSION
 from assistant.feedback import FeedbackStore
-from trainer import reward as reward_files
-from trainer import schedule
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +179,9 @@ def reward_accuracy(reward_dir: str | Path) -> pd.DataFrame:
     """One row per reward-model version, oldest first: created, validation accuracy with its
     95% interval, training accuracy and the number of validation pairs (None where missing)."""
     rows = []
-    for version in reward_files.versions(reward_dir):
+    for version in cycles.reward_versions(reward_dir):
         try:
-            m = reward_files.read_manifest(reward_dir, version)
+            m = cycles.reward_manifest(reward_dir, version)
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("reward model %s: unreadable manifest (%s)", version, exc)
             m = {}
@@ -260,8 +258,8 @@ def rollback_choices(manifests: list[dict], serving: str) -> tuple[list[str], st
 
 def training_state(lock_file: str | Path, cycles_log: str | Path) -> dict:
     """{'running': {pid, started_at, phase} or None, 'last': the last finished cycle or None}."""
-    finished = schedule.cycles(cycles_log)
-    return {"running": schedule.holder(lock_file), "last": finished[-1] if finished else None}
+    finished = cycles.read(cycles_log)
+    return {"running": cycles.holder(lock_file), "last": finished[-1] if finished else None}
 
 
 def status_markdown(serving: str, pointer: str, live: str | None, training: dict, refused: dict | None = None) -> str:

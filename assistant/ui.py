@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -369,6 +370,18 @@ def on_edit(deps: Deps, session: Session, data: gr.EditData):
     return session, display(session.turns), msg + " · " + status_text(deps, session)
 
 
+def api_correct(deps: Deps, session: Session, index, text: str):
+    """API twin of the edit (✏️) on a reply: correct message `index` into `text`."""
+    try:
+        index = int(index)
+    except (TypeError, ValueError):
+        gr.Warning("index must be an integer")
+        return session, status_text(deps, session)
+    previous = session.turns[index].content if 0 <= index < len(session.turns) else ""
+    session, _, status = on_edit(deps, session, SimpleNamespace(index=index, value=text or "", previous_value=previous))
+    return session, status
+
+
 def regenerate(deps: Deps, session: Session, system_prompt: str, temperature, top_p, max_new_tokens):
     """Generator: replace the last assistant reply with a fresh one (the old one stays stored)."""
     if session.pending or not session.turns or session.turns[-1].role != "assistant":
@@ -454,6 +467,8 @@ def build_demo(deps: Deps) -> gr.Blocks:
         api_index = gr.Number(visible=False, precision=0)
         api_value = gr.Number(visible=False, precision=0)
         api_vote_btn = gr.Button(visible=False)
+        api_text = gr.Textbox(visible=False)
+        api_correct_btn = gr.Button(visible=False)
 
         def bind(fn):
             def wrapped(*args, **kwargs):
@@ -494,6 +509,7 @@ def build_demo(deps: Deps) -> gr.Blocks:
         chatbot.like(like_handler, [session, reason], [session, status], api_visibility="private", concurrency_limit=None)
         chatbot.edit(edit_handler, [session], [session, chatbot, status], api_visibility="private", concurrency_limit=None)
         api_vote_btn.click(bind(api_vote), [session, api_index, api_value, reason], [session, status], api_name="vote", concurrency_limit=None)
+        api_correct_btn.click(bind(api_correct), [session, api_index, api_text], [session, status], api_name="correct", concurrency_limit=None)
         decide_outputs = [chatbot, reply_a, reply_b, compare_row, status]
         for button, choice in ((pick_a, "a"), (pick_b, "b"), (pick_tie, "tie"), (pick_bad, "both_bad")):
             button.click(

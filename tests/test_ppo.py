@@ -304,13 +304,13 @@ def nan_at(i):
     return reward
 
 
-def one_iteration(model, tokenizer, value_head, optimizer, reward_fn, **cfg_overrides):
+def one_iteration(model, tokenizer, value_head, optimizer, reward_fn, ref_adapter=None, **cfg_overrides):
     eos_ids, pad_id = special_ids(model, tokenizer)
     prompts, queries = ppo.encode_prompts(tokenizer, default_prompts()[:4], 256)
     cfg = ppo.PPOConfig(**{"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 4, **cfg_overrides})
     torch.manual_seed(0)
     return ppo.ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, reward_fn, cfg,
-                             ppo.AdaptiveKLController(0.05, None), eos_ids, pad_id)
+                             ppo.AdaptiveKLController(0.05, None), eos_ids, pad_id, ref_adapter)
 
 
 def assert_unchanged(before: dict, after: dict, names):
@@ -319,8 +319,8 @@ def assert_unchanged(before: dict, after: dict, names):
 
 
 # With the penalty on, replies that never emitted EOS (all of them here, at 4 tokens)
-# get the penalty in place of their score, which must not hide a NaN score.
-@pytest.mark.parametrize("missing_eos_penalty", [None, -1.0])
+# lose the penalty from their score, which must not hide a NaN score.
+@pytest.mark.parametrize("missing_eos_penalty", [None, 1.0])
 def test_nan_reward_raises_and_leaves_the_parameters_untouched(fresh_policy, missing_eos_penalty):
     model, tokenizer = fresh_policy
     value_head = ppo.ValueHead(model.get_base_model().config.hidden_size)
@@ -361,8 +361,8 @@ def test_ppo_raises_a_simple_reward_and_trains_only_the_adapter_and_value_head(f
     cfg = ppo.PPOConfig(batch_size=64, mini_batch_size=32, ppo_epochs=4, lr=1e-2, max_new_tokens=4,
                         missing_eos_penalty=None, init_kl_coef=0.01, target_kl=None)
 
-    value_head, history, stop = ppo.train(model, tokenizer, default_prompts(), lowercase_fraction, cfg,
-                                          iterations=8, seed=0, progress=False, log=lambda s: None)
+    state, history, stop = ppo.train(model, tokenizer, default_prompts(), lowercase_fraction, cfg,
+                                     iterations=8, seed=0, progress=False, log=lambda s: None)
 
     assert stop == "completed" and len(history) == 8
     scores = [m["objective/scores"] for m in history]
@@ -379,7 +379,7 @@ def test_ppo_raises_a_simple_reward_and_trains_only_the_adapter_and_value_head(f
     assert frozen
     for name in frozen:
         assert torch.equal(before[name], after[name]), f"{name} moved"
-    assert any(p.abs().sum() > 0 for p in value_head.parameters())  # starts at zero
+    assert any(p.abs().sum() > 0 for p in state.value_head.parameters())  # starts at zero
 
 
 def test_train_stops_when_kl_exceeds_the_ceiling(fresh_policy):
@@ -393,3 +393,69 @@ def test_train_stops_when_kl_exceeds_the_ceiling(fresh_policy):
     assert len(history) < 4
     assert history[-1]["objective/kl"] > cfg.kl_ceiling
     assert "ceiling" in stop
+
+
+# -- no built-in length bias; state and reference across cycles --------------------------------
+
+
+def test_missing_eos_penalty_subtracts_from_the_score_and_can_be_turned_off():
+    scores = torch.tensor([0.5, -0.2, 1.0])
+    ended = torch.tensor([True, False, False])
+    torch.testing.assert_close(ppo.eos_penalised(scores, ended, 0.3), torch.tensor([0.5, -0.5, 0.7]))
+    for off in (None, 0.0):
+        assert torch.equal(ppo.eos_penalised(scores, ended, off), scores)  # the score itself is never replaced
+
+
+def test_the_kl_controller_moves_within_one_cycle_at_the_default_settings():
+    from trainer.config import PPOArgs
+
+    args = PPOArgs()
+    cfg = ppo.config_from(args)
+    high, low = (ppo.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) for _ in range(2))
+    for _ in range(args.ppo_iterations):  # one cycle's iterations, each with one batch of rollouts
+        high.update(2 * cfg.target_kl, cfg.batch_size)
+        low.update(0.5 * cfg.target_kl, cfg.batch_size)
+    assert high.value > 1.5 * cfg.init_kl_coef
+    assert low.value < 0.6 * cfg.init_kl_coef
+
+
+def test_a_run_from_a_parent_uses_the_parent_as_its_reference(tiny_args, make_adapter, tmp_path):
+    parent = make_adapter(tmp_path / "v000001", seed=3)
+    model, tokenizer = ppo.build_trainable_policy(tiny_args(lora_dropout=0.0), parent)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in dict(model.named_parameters()) if ".policy." in n}
+    eos_ids, pad_id = special_ids(model, tokenizer)
+    _, queries = ppo.encode_prompts(tokenizer, default_prompts()[:6], 256)
+    torch.manual_seed(0)
+    ro = ppo.rollout(model, tokenizer, queries, ppo.PPOConfig(max_new_tokens=6), eos_ids, pad_id)
+    with torch.no_grad():
+        policy, _, _ = ppo.forward_logprobs(model, None, queries, ro.responses, ro.mask, pad_id, 1.0, False)
+        with ppo.reference(model, ppo.REFERENCE_ADAPTER):
+            to_parent, _, _ = ppo.forward_logprobs(model, None, queries, ro.responses, ro.mask, pad_id, 1.0, False)
+        with ppo.reference(model, None):
+            to_base, _, _ = ppo.forward_logprobs(model, None, queries, ro.responses, ro.mask, pad_id, 1.0, False)
+    torch.testing.assert_close(policy, to_parent)  # this cycle has changed nothing yet: KL to the parent is 0
+    assert not torch.allclose(policy[ro.mask.bool()], to_base[ro.mask.bool()], atol=1e-3)  # but the parent is not the base
+    assert model.active_adapter == ppo.POLICY_ADAPTER
+    assert all(not p.requires_grad for n, p in model.named_parameters() if f".{ppo.REFERENCE_ADAPTER}." in n)
+
+    metrics = one_iteration(model, tokenizer, ppo.ValueHead(model.get_base_model().config.hidden_size),
+                            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
+                            lambda p, t: torch.zeros(len(t)), ref_adapter=ppo.REFERENCE_ADAPTER)
+    assert metrics["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # objective/kl is the KL to the parent
+
+
+def test_value_head_and_kl_controller_survive_a_save_and_load(tmp_path):
+    cfg = ppo.PPOConfig(init_kl_coef=0.05)
+    state = ppo.new_state(16, cfg)
+    with torch.no_grad():
+        state.value_head.summary.weight.normal_()
+    state.kl_ctl.value = 0.123
+    tensors, saved = ppo.save_state(state)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / ppo.STATE_FILE))
+    loaded, resumed = ppo.load_state(tmp_path, {ppo.STATE_KEY: saved}, 16, cfg)
+    assert resumed and loaded.kl_ctl.value == 0.123
+    torch.testing.assert_close(loaded.value_head.summary.weight, state.value_head.summary.weight)
+    fresh, resumed = ppo.load_state(None, {}, 16, cfg)
+    assert not resumed and fresh.kl_ctl.value == 0.05 and not fresh.value_head.summary.weight.any()

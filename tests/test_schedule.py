@@ -3,6 +3,14 @@ through the app's own handlers, a cycle, promotion, and the hot-swap into a runn
 engine; the cross-process lock; SIGKILL at random points of `python -m trainer once`;
 the tidy-up after a killed cycle; the gate, the schedule and live comparison.
 
+The tiny model's replies are random-looking bytes, and a few PPO iterations on it do
+not reliably raise a learned reward on held-out prompts (measured: judge win rates
+0.41-0.59 over 64 replies across settings), so tests of the machinery around a
+promotion open the gate (`PLUMBING`) and say so in their names. Tests that can fail on
+learning keep the default gate: coin-flip feedback never promotes, a candidate that
+held-out judgements say is worse is refused, too little signal waits. Learning itself
+is measured on the default model by bench/loop.py.
+
 Run: python -m pytest tests/test_schedule.py -q
 """
 
@@ -25,18 +33,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from assistant import adapters, ui
+from assistant import adapters, cycles, ui
 from assistant.adapters import CurrentWatcher
 from assistant.chat import Engine, GenParams
 from assistant.config import BASE_VERSION, ServeArgs
 from assistant.feedback import FeedbackStore
 from assistant.model import build_policy
-from trainer import schedule
+from trainer import gate, schedule
 from trainer.config import DataArgs, PPOArgs, RewardArgs, ScheduleArgs
 from trainer.data import default_prompts, import_preferences
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 30
+# Plumbing only: a gate that passes any finite, non-degenerate candidate, for tests of
+# what happens around a promotion. A test using it cannot fail on learning.
+PLUMBING = {"min_win_rate": 0.0, "min_human_agreement": 0.0, "kl_budget": 1e6, "kl_total_budget": 1e6}
 
 
 def lowercase_share(text: str) -> float:
@@ -60,22 +71,20 @@ class Loop:
         return self.root / "adapters"
 
     def settings(self, **schedule_overrides):
-        """Small but real settings of one cycle on the tiny model.
+        """Settings of one cycle sized for the tiny model, with the default gate.
 
-        The tiny model's replies are random-looking bytes: its reward model learns the
-        users' preference (validation accuracy about 0.8 here) but a few PPO iterations do
-        not reliably raise that reward on held-out prompts (measured: margins from -0.3
-        to +0.4 across runs). So the plumbing tests accept a candidate that is at most
-        1.0 worse (`margin=-1.0`); the gate's own decisions are tested with explicit
-        numbers below, and learning is measured on the default model by bench/loop.py."""
-        ppo_args = PPOArgs(adapters_dir=str(self.adapters_dir), ppo_iterations=4, ppo_batch_size=16, mini_batch_size=8,
-                           ppo_lr=5e-3, max_new_tokens=8)
-        schedule_overrides.setdefault("margin", -1.0)
+        Only sizes change (8-token replies, a larger PPO batch and learning rate that
+        move a 2-layer model within a few iterations); every promotion check (the
+        signal minimums, the judge's win rate above 0.5, the KL budgets, no degenerate
+        replies) is at its default unless a test says otherwise."""
+        ppo_args = PPOArgs(adapters_dir=str(self.adapters_dir), ppo_iterations=6, ppo_batch_size=32, mini_batch_size=16,
+                           ppo_epochs=4, ppo_lr=1e-2, max_new_tokens=8, temperature=1.0, top_p=1.0, init_kl_coef=0.01)
         return (self.model_args, DataArgs(db=str(self.root / "feedback.db")),
-                RewardArgs(reward_dir=str(self.root / "reward"), min_pairs=8, reward_epochs=3, reward_lr=3e-3, reward_max_length=96),
+                RewardArgs(reward_dir=str(self.root / "reward"), min_pairs=8, reward_epochs=3, reward_lr=3e-3, reward_max_length=96,
+                           reward_gradient_checkpointing=False),
                 ppo_args,
                 ScheduleArgs(lock_file=str(self.root / "trainer.lock"), cycles_log=str(self.root / "cycles.jsonl"),
-                             eval_max_new_tokens=8, **schedule_overrides))
+                             **{"eval_max_new_tokens": 8, **schedule_overrides}))
 
     def chat(self, user: str, text: str, compare: bool) -> ui.Session:
         session = ui.Session()
@@ -130,53 +139,70 @@ def to_lowercase(text: str) -> str:
 # -- the closed loop -------------------------------------------------------------------
 
 
-def test_feedback_to_a_promoted_adapter_that_the_running_server_swaps_in(loop):
+def test_plumbing_feedback_to_a_promoted_adapter_that_the_running_server_swaps_in(loop):
+    """Plumbing (gate opened, PLUMBING): feedback through the handlers -> a cycle -> promotion -> hot-swap."""
     n = give_feedback(loop)
     assert loop.store.counts()["comparisons"] == n and loop.store.counts()["corrections"] == n
 
-    result = schedule.run_cycle(*loop.settings(), progress=False)
+    result = schedule.run_cycle(*loop.settings(**PLUMBING), progress=False)
 
     assert result.decision == "promoted", result.summary()
-    assert result.version == "v000001" and result.parent == BASE_VERSION and result.reward_version == "r000001"
+    assert result.version == "v000001" and result.parent == BASE_VERSION
+    assert (result.reward_version, result.judge_version) == ("r000001", "r000002")  # PPO's reward model and the judge
     e = result.evaluation
-    assert e["margin"] >= -1.0 and e["kl"] < 12 and e["degenerate"] == 0 and e["prompts"] >= 8
+    assert e["replies"] == 64 and e["wins"] + e["ties"] + e["losses"] == 64 and 0 <= e["win_rate_lo"] <= e["win_rate"] <= e["win_rate_hi"]
+    assert e["kl_parent"] == e["kl_base"]  # the parent is the base
+    assert e["human_agreement"]["n"] > 0 and e["degenerate"] == 0
+    assert result.signal["decisive_pairs"] == 2 * n and result.signal["val_pairs"] == 2 * n  # every pair validated once, cross-fitted
     assert adapters.read_current(loop.adapters_dir) == "v000001"
     manifest = adapters.read_manifest(loop.adapters_dir, "v000001")
-    assert manifest["status"] == "active" and manifest["reward_model"] == "r000001"
-    assert manifest["feedback_ids"]["comparisons"] == [1, n] and manifest["evaluation"]["margin"] == e["margin"]
+    assert manifest["status"] == "active" and manifest["reward_model"] == "r000001" and manifest["judge_model"] == "r000002"
+    assert manifest["feedback_ids"]["comparisons"] == [1, n] and manifest["evaluation"]["win_rate"] == e["win_rate"]
+    assert (loop.adapters_dir / "v000001" / "ppo_state.safetensors").is_file() and not manifest["ppo_state"]["resumed_from_parent"]
     assert [h["status"] for h in manifest["history"]] == ["active"]
 
     loop.wait_serving("v000001")  # the watcher hot-swapped it, no restart
     session = loop.chat("after", "hello again", compare=False)
     assert loop.store.get_reply(session.turns[-1].reply_id)["adapter_version"] == "v000001"
-    logged = schedule.cycles(loop.root / "cycles.jsonl")
+    logged = cycles.read(loop.root / "cycles.jsonl")
     assert [c["decision"] for c in logged] == ["promoted"] and logged[0]["rows"] == 2 * n
 
 
-def test_a_candidate_that_misses_the_margin_is_rejected_with_reasons_and_never_served(loop):
-    give_feedback(loop, rounds=1)
-
-    result = schedule.run_cycle(*loop.settings(margin=100.0), progress=False)
-
-    assert result.decision == "rejected"
-    assert any("reward margin" in r and "below the required +100.000" in r for r in result.reasons)
-    manifest = adapters.read_manifest(loop.adapters_dir, result.version)
-    assert manifest["status"] == "rejected" and manifest["reasons"] == result.reasons
+def test_coin_flip_feedback_never_promotes(loop):
+    """Users whose choices are coin flips: nothing to learn, so no cycle may promote (default gate)."""
+    rng = random.Random(5)
+    torch.manual_seed(0)
+    texts = [p[0]["content"] for p in default_prompts()]
+    decisions = []
+    for round_ in range(2):
+        for i, text in enumerate(texts):
+            session = loop.chat(f"coin{i % 3}", f"{text} ({round_})", compare=True)
+            ui.decide(loop.deps, session, rng.choice("ab"))
+        decisions.append(schedule.run_cycle(*loop.settings(), progress=False))
+    assert all(r.decision in ("waiting", "rejected") for r in decisions), [r.summary() for r in decisions]
     assert adapters.read_current(loop.adapters_dir) == BASE_VERSION
-    time.sleep(0.3)
-    assert loop.engine.policy.current == BASE_VERSION
+    waited = [r for r in decisions if r.decision == "waiting"]
+    assert all("waiting for more feedback" in r.reasons[0] and r.version is None for r in waited)
 
 
-def test_a_cycle_with_too_little_feedback_is_skipped_and_says_why(loop):
-    loop.chat("ada", "hi", compare=False)
-    result = schedule.run_cycle(*loop.settings(), progress=False)
-    assert result.decision == "skipped" and "--min-pairs" in result.reasons[0]
-    assert adapters.versions(loop.adapters_dir) == []
+def test_a_cycle_with_too_little_signal_waits_before_training_and_says_why(loop):
+    give_feedback(loop, rounds=1)  # 30 choices, 30 corrections...
+    *args, sched = loop.settings()
+    result = schedule.run_cycle(*args, dataclasses.replace(sched, min_decisive_pairs=100), progress=False)
+    assert result.decision == "waiting" and result.version is None and result.reward_version is None
+    assert result.reasons[0].startswith("waiting for more feedback: 60 decisive pairs of the 100 needed")
+    assert adapters.versions(loop.adapters_dir) == [] and not (loop.root / "reward").exists()  # nothing was trained
+    logged = cycles.read(loop.root / "cycles.jsonl")[-1]
+    assert logged["decision"] == "waiting" and logged["reasons"] == result.reasons and logged["signal"]["decisive_pairs"] == 60
+
+    loop.chat("ada", "hi", compare=False)  # a reply with no feedback adds no signal
+    assert schedule.run_cycle(*args, dataclasses.replace(sched, min_decisive_pairs=61), progress=False).decision == "waiting"
 
 
-def test_live_comparison_puts_the_candidate_against_current_and_votes_decide(loop):
-    give_feedback(loop, rounds=1)
-    args = loop.settings(live_compare=True, live_min_votes=4, live_win_rate=0.5)
+def test_plumbing_live_comparison_puts_the_candidate_against_current_and_votes_decide(loop):
+    """Plumbing (gate opened, PLUMBING) up to the live stage; the votes then decide by the sequential rule."""
+    give_feedback(loop, rounds=2)
+    args = loop.settings(live_compare=True, live_min_votes=4, live_confidence=0.95, **PLUMBING)
     result = schedule.run_cycle(*args, progress=False)
     assert result.decision == "live", result.summary()
     assert adapters.read_live(loop.adapters_dir) == result.version
@@ -194,10 +220,17 @@ def test_live_comparison_puts_the_candidate_against_current_and_votes_decide(loo
 
     second = schedule.run_cycle(*args, progress=False)  # decides the votes first, then trains on from the winner
     settled = second.settled
-    assert settled["decision"] == "promoted" and settled["votes"] == 4 and settled["win_rate"] == 1.0
+    assert settled["decision"] == "promoted" and settled["votes"] == 4 and settled["win_rate"] == 1.0  # P(better) = 1 - 0.5**5
     assert adapters.read_current(loop.adapters_dir) == result.version
     assert adapters.read_manifest(loop.adapters_dir, result.version)["status"] == "active"
     assert second.decision == "live" and second.parent == result.version
+    m2 = adapters.read_manifest(loop.adapters_dir, second.version)
+    assert m2["ppo_state"]["resumed_from_parent"]  # the value head and the KL controller carried over
+    m1 = adapters.read_manifest(loop.adapters_dir, result.version)
+    assert m1["ppo_state"]["kl_coef_start"] == loop.settings()[3].init_kl_coef != m1["ppo_state"]["kl_ctl"]["value"]  # it moved
+    assert m2["ppo_state"]["kl_coef_start"] == m1["ppo_state"]["kl_ctl"]["value"]  # and the next cycle went on from there
+    e2 = second.evaluation
+    assert e2["kl_parent"] != e2["kl_base"] and e2["kl_parent"] < e2["kl_base"]  # this cycle's change vs the whole drift
     assert adapters.read_live(loop.adapters_dir) == second.version
     loop.wait_serving(result.version)
 
@@ -207,13 +240,18 @@ def test_live_votes_count_only_decisive_choices_between_the_two_versions(tmp_pat
     uid = store.ensure_user("u", "")
     conv = store.new_conversation(uid, "")
 
-    def reply(version):
-        return store.add_reply(conversation_id=conv, context=[{"role": "user", "content": "q"}], text="t", params={}, model="m",
+    def reply_to(version, prompt):
+        return store.add_reply(conversation_id=conv, context=[{"role": "user", "content": prompt}], text="t", params={}, model="m",
                                adapter_version=version, prompt_tokens=1, completion_tokens=1, latency_ms=1.0, ttft_ms=1.0, finish_reason="eos")
 
-    for a, b, choice in (("v2", "v1", "a"), ("v1", "v2", "a"), ("v1", "v2", "b"), ("v1", "v2", "tie"), ("v1", "v1", "a"), ("v3", "v2", "b")):
-        store.add_comparison(reply(a), reply(b), choice, uid)
-    assert schedule.live_votes(tmp_path / "f.db", "v2", "v1") == {"votes": 3, "wins": 2, "win_rate": 2 / 3}
+    for i, (a, b, choice) in enumerate((("v2", "v1", "a"), ("v1", "v2", "a"), ("v1", "v2", "b"), ("v1", "v2", "tie"), ("v1", "v1", "a"), ("v3", "v2", "b"))):
+        store.add_comparison(reply_to(a, f"q{i}"), reply_to(b, f"q{i}"), choice, uid)
+    assert schedule.live_votes(tmp_path / "f.db", "v2", "v1") == {"votes": 3, "wins": 2, "win_rate": 2 / 3, "choices": 3}
+    for _ in range(5):  # the same user asking the same thing again and again counts once, with the latest choice
+        store.add_comparison(reply_to("v1", "q0"), reply_to("v2", "q0"), "a", uid)
+    other = store.ensure_user("w", "")
+    store.add_comparison(reply_to("v1", "q0"), reply_to("v2", "q0"), "b", other)  # another user on that prompt counts
+    assert schedule.live_votes(tmp_path / "f.db", "v2", "v1") == {"votes": 4, "wins": 2, "win_rate": 0.5, "choices": 9}
 
 
 # -- one cycle at a time ----------------------------------------------------------------
@@ -221,12 +259,12 @@ def test_live_votes_count_only_decisive_choices_between_the_two_versions(tmp_pat
 
 def test_a_second_cycle_while_one_runs_is_refused_and_says_why(loop):
     args = loop.settings()
-    with schedule.CycleLock(args[-1].lock_file) as lock:
+    with cycles.CycleLock(args[-1].lock_file) as lock:
         lock.phase("ppo")
-        with pytest.raises(schedule.Busy, match=rf"another cycle is running \(pid {os.getpid()}, .* phase ppo\)"):
+        with pytest.raises(cycles.Busy, match=rf"another cycle is running \(pid {os.getpid()}, .* phase ppo\)"):
             schedule.run_cycle(*args, progress=False)
-        assert schedule.holder(args[-1].lock_file)["phase"] == "ppo"
-    assert schedule.holder(args[-1].lock_file) is None
+        assert cycles.holder(args[-1].lock_file)["phase"] == "ppo"
+    assert cycles.holder(args[-1].lock_file) is None
 
 
 def test_two_cycles_started_at_once_one_runs_and_the_other_says_why(tmp_path, tiny_dir):
@@ -244,14 +282,14 @@ def test_two_cycles_started_at_once_one_runs_and_the_other_says_why(tmp_path, ti
 
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     lock_file = tmp_path / "trainer.lock"
-    code = f"from trainer.schedule import CycleLock; import time\nwith CycleLock({str(lock_file)!r}): print('held', flush=True); time.sleep(60)"
+    code = f"from assistant.cycles import CycleLock; import time\nwith CycleLock({str(lock_file)!r}): print('held', flush=True); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
-    assert schedule.holder(lock_file)["pid"] == proc.pid
+    assert cycles.holder(lock_file)["pid"] == proc.pid
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert schedule.holder(lock_file) is None
-    with schedule.CycleLock(lock_file):
+    assert cycles.holder(lock_file) is None
+    with cycles.CycleLock(lock_file):
         pass
 
 
@@ -283,9 +321,10 @@ def once_cmd(root: Path, model_dir: Path, db: Path) -> list[str]:
     return [sys.executable, "-m", "trainer", "once", "--model", str(model_dir), "--quantize", "none", "--device", "cpu",
             "--db", str(db), "--adapters-dir", str(root / "adapters"), "--reward-dir", str(root / "reward"),
             "--lock-file", str(root / "trainer.lock"), "--cycles-log", str(root / "cycles.jsonl"),
-            "--min-pairs", "8", "--reward-epochs", "1", "--reward-max-length", "64", "--ppo-iterations", "2",
-            "--ppo-batch-size", "8", "--max-new-tokens", "8", "--eval-max-new-tokens", "8", "--eval-prompts", "4",
-            "--margin", "-1000", "--kl-budget", "1000", "--max-degenerate", "1000"]
+            "--min-pairs", "8", "--reward-epochs", "3", "--reward-lr", "3e-3", "--reward-max-length", "64", "--ppo-iterations", "2",
+            "--ppo-batch-size", "8", "--max-new-tokens", "8", "--eval-max-new-tokens", "8", "--eval-replies", "8",
+            # plumbing only (these tests kill and race cycles): the gate passes any finite candidate
+            "--min-win-rate", "0", "--min-human-agreement", "0", "--kl-budget", "1e6", "--kl-total-budget", "1e6", "--max-degenerate", "1000"]
 
 
 def assert_nothing_partial_in_use(adapters_dir: Path, lora) -> None:
@@ -322,7 +361,7 @@ def test_sigkill_at_random_points_never_leaves_a_partial_adapter_in_use_and_the_
             stream = engine.submit([{"role": "user", "content": "still there?"}], GenParams(temperature=0.0, top_p=1.0, max_new_tokens=4))
             list(stream)  # the server keeps serving
             assert stream.reply.finish_reason in ("length", "eos") and stream.reply.adapter_version == engine.policy.current
-            assert schedule.holder(tmp_path / "trainer.lock") is None  # a killed cycle never keeps the lock
+            assert cycles.holder(tmp_path / "trainer.lock") is None  # a killed cycle never keeps the lock
         assert kills >= 3
 
         after = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
@@ -373,25 +412,6 @@ def test_tidy_leaves_the_live_candidate_alone(tmp_path, trained_peft):
 
 
 # -- the gate and the schedule ----------------------------------------------------------------
-
-
-GOOD = {"prompts": 8, "margin": 0.3, "candidate_score": 0.5, "current_score": 0.2, "kl": 3.0, "degenerate": 0}
-
-
-@pytest.mark.parametrize("change, reason", [
-    ({}, None),
-    ({"margin": 0.01}, "reward margin +0.010 below the required +0.050"),
-    ({"kl": 30.0}, "KL to the base 30.00 over the budget 12.00"),
-    ({"degenerate": 2}, "2 degenerate replies out of 8 (at most 0)"),
-])
-def test_gate_names_each_failed_check(change, reason):
-    reasons = schedule.gate({**GOOD, **change}, None, ScheduleArgs())
-    assert reasons == ([] if reason is None else [reasons[0]]) and (reason is None or reason in reasons[0])
-
-
-def test_gate_rejects_non_finite_weights_without_an_evaluation():
-    assert schedule.gate({}, "v000002: tensor x has NaN or infinite values", ScheduleArgs()) == [
-        "invalid weights: v000002: tensor x has NaN or infinite values"]
 
 
 def test_due_needs_enough_new_rows_and_the_interval_or_the_daily_time():

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from assistant.config import ModelArgs, add_args, from_args
+from assistant.cycles import Busy
 from trainer.config import DataArgs, PPOArgs, RewardArgs, ScheduleArgs
 
 log = logging.getLogger("trainer")
@@ -62,42 +63,28 @@ def cmd_import(ns: argparse.Namespace) -> int:
     return 0
 
 
-def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, progress: bool = True, snapshot=None):
-    """Snapshot the store (unless given one), build examples, split, fit, save.
+def _manual_lock(ns: argparse.Namespace):
+    """The cycle lock, for a step run by hand: a cycle's tidy-up never removes its files mid-write."""
+    from assistant.cycles import CycleLock
 
-    Returns (version, manifest, reward_model)."""
-    from trainer import reward
-    from trainer.data import build_examples, read_snapshot, split
-
-    if not Path(data_args.db).exists():
-        raise ValueError(f"--db {data_args.db}: no feedback database yet; run the app and give feedback, or `python -m trainer import FILE`")
-    snapshot = snapshot or read_snapshot(data_args.db)
-    examples = build_examples(snapshot)
-    train, val = split(examples, data_args.val_fraction, data_args.split_seed)
-    started = time.perf_counter()
-    rm, metrics = reward.fit(model_args, reward_args, train, val, progress=progress)
-    manifest = {
-        "feedback_ids": snapshot.id_range(),
-        "counts": examples.counts,
-        "examples": {"train_pairs": len(train.pairs), "train_pointwise": len(train.pointwise),
-                     "val_pairs": len(val.pairs), "val_pointwise": len(val.pointwise), "contradictions": examples.contradictions},
-        "metrics": metrics,
-        "reward_args": vars(reward_args),
-        "seconds": time.perf_counter() - started,
-    }
-    version = reward.save(reward_args.reward_dir, rm, manifest)
-    return version, manifest, rm
+    return CycleLock(ns.lock_file)
 
 
 def cmd_reward(ns: argparse.Namespace) -> int:
     from assistant.feedback import StoreUnavailable
 
+    from trainer.steps import fit_reward
+
     model_args, data_args, reward_args = ns.model_args, ns.data_args, ns.reward_args
     try:
-        version, manifest, _ = fit_reward(model_args, data_args, reward_args)
+        with _manual_lock(ns):
+            version, manifest, _ = fit_reward(model_args, data_args, reward_args)
     except StoreUnavailable as exc:
         print(f"error: --db: {exc}", file=sys.stderr)
         return 2
+    except Busy as exc:
+        print(f"not started: {exc}", file=sys.stderr)
+        return 3
     except (ValueError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -142,64 +129,16 @@ def cmd_reward_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
-def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, progress: bool = True,
-            reward_fn=None, reward_version: str | None = None, prompts: list | None = None, extra: dict | None = None):
-    """PPO from the served adapter against a reward model; publishes a candidate. Returns (version, manifest).
-
-    `reward_fn(prompts, texts) -> (B,) scores` replaces loading the reward model (a
-    scripted reward, or one the caller already holds as `reward_version`); `prompts`
-    replaces the store's recent prompts plus the default set; `extra` goes into the manifest."""
-    from assistant import adapters
-    from trainer import ppo, reward
-    from trainer.data import default_prompts, read_snapshot, recent_prompts
-
-    started = time.perf_counter()
-    if reward_fn is None:
-        saved = reward.versions(reward_args.reward_dir)
-        reward_version = ppo_args.reward or (saved[-1] if saved else None)
-        if reward_version is None:
-            raise ValueError(f"--reward-dir {reward_args.reward_dir}: no reward model yet; fit one with `python -m trainer reward`")
-        rm = reward.load(reward_args.reward_dir, model_args, reward_version)
-
-        def reward_fn(prompts, texts):
-            return rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
-
-    if prompts is None:
-        from_store = recent_prompts(data_args.db, ppo_args.max_prompts)
-        prompts = from_store if len(from_store) >= ppo_args.ppo_batch_size else from_store + default_prompts()
-        prompt_counts = {"from_store": len(from_store), "default": len(prompts) - len(from_store)}
-    else:
-        prompt_counts = {"given": len(prompts)}
-    feedback_ids = read_snapshot(data_args.db).id_range() if Path(data_args.db).exists() else {}
-    parent = adapters.read_current(ppo_args.adapters_dir)
-    parent_dir = None if parent == "base" else Path(ppo_args.adapters_dir) / parent
-    model, tokenizer = ppo.build_trainable_policy(model_args, parent_dir)
-    cfg = ppo.config_from(ppo_args)
-    _, history, stop = ppo.train(model, tokenizer, prompts, reward_fn, cfg, ppo_args.ppo_iterations, seed=ppo_args.ppo_seed,
-                                 prompt_max_tokens=ppo_args.prompt_max_tokens, progress=progress, log=log.info)
-    manifest = {
-        "kind": "ppo",
-        "parent": parent,
-        "reward_model": reward_version or "scripted",
-        "feedback_ids": feedback_ids,
-        "prompts": prompt_counts,
-        "base_model": model_args.model,
-        "quantize": model_args.quantize,
-        "ppo_args": vars(ppo_args),
-        "stop_reason": stop,
-        "metrics": history,
-        "seconds": time.perf_counter() - started,
-        **(extra or {}),
-    }
-    version = adapters.publish(ppo_args.adapters_dir, model, ppo.POLICY_ADAPTER, manifest)
-    return version, manifest
-
-
 def cmd_ppo(ns: argparse.Namespace) -> int:
     from trainer.ppo import NonFiniteError
+    from trainer.steps import run_ppo
 
     try:
-        version, manifest = run_ppo(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args)
+        with _manual_lock(ns):
+            version, manifest = run_ppo(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args)
+    except Busy as exc:
+        print(f"not started: {exc}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -218,7 +157,7 @@ def cmd_once(ns: argparse.Namespace) -> int:
 
     try:
         result = schedule.run_cycle(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, ns.schedule_args)
-    except schedule.Busy as exc:
+    except Busy as exc:
         print(f"not started: {exc}", file=sys.stderr)
         return 3
     print(result.summary())
@@ -253,16 +192,20 @@ def cmd_rollback(ns: argparse.Namespace) -> int:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    from assistant import adapters
+    from assistant import adapters, cycles
     from trainer import schedule
 
-    running = schedule.holder(ns.schedule_args.lock_file)
+    running = cycles.holder(ns.schedule_args.lock_file)
     print(f"serving: {adapters.read_current(ns.adapters_dir)}" + (f", live comparison: {adapters.read_live(ns.adapters_dir)}" if adapters.read_live(ns.adapters_dir) else ""))
     print("cycle: " + (f"running (pid {running.get('pid')}, since {running.get('started_at')}, phase {running.get('phase')})" if running is not None else "none running"))
     print(f"new feedback rows since the last cycle: {schedule.new_rows(ns.db, ns.schedule_args.cycles_log)}")
+    last = cycles.read(ns.schedule_args.cycles_log)
+    if last:
+        print(f"last cycle: {last[-1].get('decision')} at {last[-1].get('started_at')}" + (f": {'; '.join(last[-1]['reasons'])}" if last[-1].get("reasons") else ""))
     for m in adapters.manifests(ns.adapters_dir):
         e = m.get("evaluation") or {}
-        detail = f"margin {e['margin']:+.3f}, KL {e['kl']:.2f}" if "margin" in e else ""
+        detail = (f"win rate {e['win_rate']:.2f} [{e['win_rate_lo']:.2f}, {e['win_rate_hi']:.2f}], KL {e['kl_parent']:.2f} to parent, {e['kl_base']:.2f} to base"
+                  if e.get("win_rate") is not None else "")
         print(f"  {m['version']}  {m.get('status', '?'):<9}  parent {m.get('parent', '?'):<8}  reward {m.get('reward_model', '?'):<8}  {m.get('created_at', '')}  {detail}"
               + (f"  rejected: {'; '.join(m['reasons'])}" if m.get("status") == "rejected" and m.get("reasons") else ""))
     return 0
@@ -281,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_args(p, ModelArgs, "base model")
     add_args(p, DataArgs, "data")
     add_args(p, RewardArgs, "reward model")
+    p.add_argument("--lock-file", default=ScheduleArgs.lock_file, help=f"the cycle lock, held while fitting (default: {ScheduleArgs.lock_file})")
     p.set_defaults(func=cmd_reward, needs=(ModelArgs, DataArgs, RewardArgs), subparser=p)
 
     p = sub.add_parser("reward-eval", help="pairwise accuracy (95%% CI) of a reward model on a preference file")
@@ -296,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_args(p, DataArgs, "data")
     add_args(p, RewardArgs, "reward model")
     add_args(p, PPOArgs, "ppo")
+    p.add_argument("--lock-file", default=ScheduleArgs.lock_file, help=f"the cycle lock, held while training (default: {ScheduleArgs.lock_file})")
     p.set_defaults(func=cmd_ppo, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs), subparser=p)
 
     for name, func, text in (("once", cmd_once, "run one cycle now: refit reward model, PPO, evaluate, promote or reject"),

@@ -2,12 +2,17 @@
 
 Each field carries a one-line help that becomes its `--flag` help through
 `assistant.config.add_args`; `python -m trainer <command> --help` lists them.
-Defaults run on a laptop CPU with the default 135M model.
+Defaults run on a laptop CPU with the default 135M model, and they are the settings
+`python app.py` starts the trainer with and that `bench/loop.py` measures.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from assistant.config import ServeArgs
+
+SERVED = ServeArgs()  # rollouts and evaluation sample the way the app serves replies
 
 
 def _f(default, help: str, **kw):
@@ -30,9 +35,11 @@ class RewardArgs:
     reward_dir: str = _f("data/reward", "where reward-model versions (rNNNNNN/) are written")
     reward_lora_r: int = _f(16, "LoRA rank of the reward model's adapter")
     reward_lora_alpha: int = _f(32, "LoRA alpha of the reward model's adapter")
-    reward_lr: float = _f(1e-4, "AdamW learning rate (LoRA and scalar head)")
-    reward_epochs: int = _f(1, "passes over the training examples")
+    reward_lr: float = _f(3e-4, "AdamW learning rate (LoRA and scalar head)")
+    reward_epochs: int = _f(2, "passes over the training examples")
     reward_batch_size: int = _f(8, "pairs (or pointwise labels) per optimiser step")
+    reward_micro_batch_size: int = _f(2, "pairs (or pointwise labels) per forward/backward pass; gradients accumulate to --reward-batch-size")
+    reward_gradient_checkpointing: bool = _f(True, "recompute each layer's activations in the backward pass (bounded memory for long texts)")
     reward_max_length: int = _f(512, "tokens per (prompt + reply), truncated from the left of the prompt")
     pointwise_weight: float = _f(0.5, "weight of the pointwise (thumbs) loss next to the pairwise Bradley-Terry loss")
     min_pairs: int = _f(16, "fewest training pairs + pointwise labels a fit accepts; fewer is refused")
@@ -42,7 +49,8 @@ class RewardArgs:
     normalizer_size: int = _f(512, "most training replies scored after fitting to set the reward's mean/std normalisation")
 
     def validate(self) -> None:
-        for name in ("reward_lora_r", "reward_lora_alpha", "reward_epochs", "reward_batch_size", "reward_max_length", "min_pairs", "reward_eval_batch_size", "normalizer_size"):
+        for name in ("reward_lora_r", "reward_lora_alpha", "reward_epochs", "reward_batch_size", "reward_micro_batch_size", "reward_max_length",
+                     "min_pairs", "reward_eval_batch_size", "normalizer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.reward_lr <= 0:
@@ -57,29 +65,31 @@ class RewardArgs:
 class PPOArgs:
     adapters_dir: str = _f("data/adapters", "where candidate adapters (vNNNNNN/) are published")
     reward: str = _f("", "reward-model version to optimise against (default: the latest under --reward-dir)")
-    ppo_iterations: int = _f(4, "PPO iterations (rollout → score → update) per run")
+    ppo_iterations: int = _f(12, "PPO iterations (rollout → score → update) per run")
     ppo_batch_size: int = _f(8, "prompts rolled out per iteration")
     mini_batch_size: int = _f(4, "rollouts per gradient step")
     ppo_epochs: int = _f(2, "passes over each iteration's rollouts")
-    ppo_lr: float = _f(1e-4, "AdamW learning rate of the policy LoRA and the value head")
-    max_new_tokens: int = _f(48, "reply length cap during rollouts")
-    temperature: float = _f(1.0, "sampling temperature of rollouts (log-probs are scaled by it too)")
-    init_kl_coef: float = _f(0.05, "initial β of the per-token KL penalty")
-    target_kl: float = _f(6.0, "KL (nats per reply) the adaptive controller steers to; 0 = keep β fixed")
-    kl_ceiling: float = _f(20.0, "stop the run early when mean KL per reply exceeds this")
+    ppo_lr: float = _f(1e-3, "AdamW learning rate of the policy LoRA and the value head")
+    max_new_tokens: int = _f(SERVED.max_new_tokens, "reply length cap during rollouts (default: the app's served cap)")
+    temperature: float = _f(SERVED.temperature, "sampling temperature of rollouts, as served (log-probs are scaled by it too)")
+    top_p: float = _f(SERVED.top_p, "nucleus-sampling top-p of rollouts, as served")
+    init_kl_coef: float = _f(0.05, "initial β of the per-token KL penalty (the next cycle continues from the parent's β)")
+    target_kl: float = _f(6.0, "KL to the parent (nats per reply) the adaptive controller steers to; 0 = keep β fixed")
+    kl_horizon: int = _f(32, "rollouts over which the adaptive controller closes its gap to --target-kl")
+    kl_ceiling: float = _f(20.0, "stop the run early when mean KL per reply to the parent exceeds this")
     cliprange: float = _f(0.2, "PPO ratio clip")
     cliprange_value: float = _f(0.2, "value-function clip")
     vf_coef: float = _f(0.1, "weight of the value loss")
     gamma: float = _f(1.0, "discount")
     lam: float = _f(0.95, "GAE λ")
     max_grad_norm: float = _f(1.0, "gradient-norm clip")
-    missing_eos_penalty: float = _f(-1.0, "score given to rollouts that hit the length cap without EOS")
-    max_prompts: int = _f(256, "most distinct prompts taken from the store (most recent first)")
+    missing_eos_penalty: float = _f(0.0, "subtracted from the score of a rollout that hits the length cap without EOS (0 = off)")
+    max_prompts: int = _f(256, "most distinct prompts taken from the snapshot (most recent first)")
     prompt_max_tokens: int = _f(256, "prompts longer than this (in tokens) are skipped")
     ppo_seed: int = _f(0, "random seed of prompt sampling, rollouts and initialisation")
 
     def validate(self) -> None:
-        for name in ("ppo_iterations", "ppo_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompts", "prompt_max_tokens"):
+        for name in ("ppo_iterations", "ppo_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon", "max_prompts", "prompt_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.mini_batch_size > self.ppo_batch_size:
@@ -89,6 +99,10 @@ class PPOArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.init_kl_coef < 0 or self.target_kl < 0:
             raise ValueError("--init-kl-coef and --target-kl must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.missing_eos_penalty < 0:
+            raise ValueError(f"--missing-eos-penalty is subtracted from the score, so it must be >= 0, got {self.missing_eos_penalty}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError("--gamma and --lam must be in [0, 1]")
 
@@ -100,16 +114,21 @@ class ScheduleArgs:
     every_min: float = _f(30.0, "`run`: minutes between checks for new feedback (0 = only at --at)")
     min_new_rows: int = _f(20, "`run`: new feedback rows (votes, choices, corrections, rankings) since the last cycle needed to start one")
     at: str = _f("", "`run`: also run a cycle every day at this local time, HH:MM (needs at least one new row)")
-    eval_fraction: float = _f(0.25, "share of prompts (store and default set) held out from PPO to evaluate candidates on")
-    eval_prompts: int = _f(16, "most held-out prompts a candidate is evaluated on")
-    eval_max_new_tokens: int = _f(48, "reply length cap when evaluating candidate and current adapters")
+    min_decisive_pairs: int = _f(24, "fewest preference pairs (a choice, correction, ranking or up- vs down-vote) a cycle trains on; fewer: wait for feedback")
+    min_val_pairs: int = _f(16, "fewest pairs the reward models are validated on (cross-fitted: each pair by the model that did not see it)")
+    eval_fraction: float = _f(0.25, "share of prompts (snapshot and default set) held out from PPO to evaluate candidates on")
+    eval_replies: int = _f(64, "replies per side (candidate, current) on held-out prompts; prompts repeat with new samples to reach it")
+    eval_max_new_tokens: int = _f(SERVED.max_new_tokens, "reply length cap when evaluating (default: the app's served cap)")
     eval_seed: int = _f(1234, "random seed of evaluation sampling (the same for both sides)")
-    margin: float = _f(0.05, "promotion needs the candidate's mean reward on held-out prompts to beat the current adapter's by this much")
-    kl_budget: float = _f(12.0, "promotion needs the candidate's mean KL to the base (nats per reply) under this")
+    min_win_rate: float = _f(0.5, "promotion needs the 95% lower bound of the judge's paired win rate (candidate vs current) above this")
+    min_human_agreement: float = _f(0.5, "promotion is refused when the 95% upper bound of the held-out human agreement (validation pairs where the candidate moved towards the chosen reply) is below this")
+    kl_budget: float = _f(12.0, "promotion needs the candidate's mean KL to its parent (this cycle's change, nats per reply) under this")
+    kl_total_budget: float = _f(40.0, "promotion needs the candidate's mean KL to the base (all cycles together, nats per reply) under this")
     max_degenerate: int = _f(0, "promotion needs at most this many degenerate (empty or repetitive) held-out replies")
-    live_compare: bool = _f(False, "after passing evaluation, serve the candidate against CURRENT in Compare mode and promote on votes")
-    live_min_votes: int = _f(20, "live comparison: decisive A/B votes needed before deciding")
-    live_win_rate: float = _f(0.55, "live comparison: win rate over the current adapter needed to promote")
+    live_compare: bool = _f(False, "after passing evaluation, serve the candidate against CURRENT in Compare mode and decide on votes")
+    live_min_votes: int = _f(10, "live comparison: fewest counted votes (one per user and prompt) before the sequential rule may decide")
+    live_confidence: float = _f(0.95, "live comparison: promote when P(win rate > 0.5) under a Beta(1+wins, 1+losses) posterior reaches this, reject when P(win rate < 0.5) does")
+    live_max_hours: float = _f(48.0, "live comparison: a candidate still undecided this long after going live is withdrawn")
 
     def validate(self) -> None:
         if self.every_min < 0:
@@ -122,12 +141,18 @@ class ScheduleArgs:
                 raise ValueError(f"--at must be a time of day HH:MM, got {self.at!r}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
-        for name in ("eval_prompts", "eval_max_new_tokens", "live_min_votes"):
+        for name in ("min_decisive_pairs", "min_val_pairs", "eval_replies", "eval_max_new_tokens", "live_min_votes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.kl_budget <= 0:
-            raise ValueError(f"--kl-budget must be positive, got {self.kl_budget}")
+        if not 0 <= self.min_win_rate < 1:
+            raise ValueError(f"--min-win-rate must be in [0, 1), got {self.min_win_rate}")
+        if not 0 <= self.min_human_agreement <= 1:
+            raise ValueError(f"--min-human-agreement must be in [0, 1], got {self.min_human_agreement}")
+        if self.kl_budget <= 0 or self.kl_total_budget <= 0:
+            raise ValueError(f"--kl-budget and --kl-total-budget must be positive, got {self.kl_budget} and {self.kl_total_budget}")
         if self.max_degenerate < 0:
             raise ValueError(f"--max-degenerate must be >= 0, got {self.max_degenerate}")
-        if not 0 < self.live_win_rate < 1:
-            raise ValueError(f"--live-win-rate must be in (0, 1), got {self.live_win_rate}")
+        if not 0.5 < self.live_confidence < 1:
+            raise ValueError(f"--live-confidence must be in (0.5, 1), got {self.live_confidence}")
+        if self.live_max_hours <= 0:
+            raise ValueError(f"--live-max-hours must be positive, got {self.live_max_hours}")

@@ -111,7 +111,7 @@ class Snapshot:
 
     path: str
     bounds: dict[str, tuple[int, int]]
-    replies: dict[int, dict]  # id -> {id, conversation_id, prompt, text}, every reply the rows name
+    replies: dict[int, dict]  # id -> {id, conversation_id, prompt, text, model}, every reply the rows name
     votes: list[dict]  # {id, reply_id, user_id, value}: 1 up, -1 down, 0 removed
     comparisons: list[dict]  # {id, reply_a_id, reply_b_id, choice, user_id}
     corrections: list[dict]  # {id, reply_id, text, user_id}: text is the edited reply
@@ -191,7 +191,7 @@ def _read_replies(db: Any, reply_ids: list[int], chunk: int = 500) -> dict[int, 
     replies = {}
     for start in range(0, len(reply_ids), chunk):
         ids = reply_ids[start:start + chunk]
-        for row in db.query(f"SELECT id, conversation_id, context, text FROM replies "
+        for row in db.query(f"SELECT id, conversation_id, context, text, model FROM replies "
                             f"WHERE id IN ({', '.join('?' * len(ids))})", ids):
             context = row.pop("context")
             if context not in prompts:
@@ -515,27 +515,20 @@ def default_prompts() -> list[list[dict]]:
     return [[{"role": "user", "content": line}] for line in lines if line]
 
 
-def recent_prompts(db_path: str | os.PathLike, max_prompts: int) -> list[list[dict]]:
-    """Contexts people actually sent (the prompt each stored reply answered),
-    deduplicated, most recent first, at most `max_prompts`. Imported pairs are skipped:
-    they are not how this assistant is used."""
-    if not Path(db_path).exists():
-        return []
-    store = FeedbackStore(db_path, readonly=True)
-    try:
-        rows = store.db().execute(
-            "SELECT context FROM replies WHERE model != 'import' ORDER BY id DESC"
-        ).fetchall()
-    finally:
-        store.close()
+def snapshot_prompts(snapshot: Snapshot, max_prompts: int) -> list[list[dict]]:
+    """The contexts people sent and then gave feedback on: the prompt of every reply a
+    feedback row of `snapshot` names, deduplicated, most recent reply first, at most
+    `max_prompts`. Prompts come from the snapshot, so a reply written while a cycle runs
+    never becomes one of its prompts. Imported pairs are skipped: they are not how this
+    assistant is used."""
     seen, prompts = set(), []
-    for (context,) in rows:
-        messages = json.loads(context)
-        key = to_prompt(messages)
-        if key in seen or not messages or messages[-1]["role"] != "user":
+    for reply_id in sorted(snapshot.replies, reverse=True):
+        reply = snapshot.replies[reply_id]
+        key = reply["prompt"]
+        if reply.get("model") == "import" or key in seen or not key or key[-1][0] != "user":
             continue
         seen.add(key)
-        prompts.append(messages)
+        prompts.append(prompt_messages(key))
         if len(prompts) >= max_prompts:
             break
     return prompts

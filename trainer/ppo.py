@@ -5,8 +5,9 @@ KL estimators, the adaptive KL controller), each small enough to check against a
 slow reference. The bottom half is `ppo_iteration`, one numbered recipe:
 
     (1) roll out responses from prompts with the policy
-    (2) score them with the reward model (missing-EOS penalty applied)
-    (3) per-token log-probs of the policy and of the reference (adapter disabled)
+    (2) score them with the reward model (missing-EOS penalty subtracted, if on)
+    (3) per-token log-probs of the policy and of the reference (the parent adapter
+        the run started from, or the base with the adapter disabled)
     (4) rewards = score at the last token − kl_coef · KL per token
     (5) values from the value head
     (6) GAE advantages and returns; advantages whitened
@@ -15,14 +16,24 @@ slow reference. The bottom half is `ppo_iteration`, one numbered recipe:
 
 Names follow TRL's former PPO trainer (`kl_coef`, `cliprange`, `cliprange_value`,
 `vf_coef`, `gamma`, `lam`) and its logged metrics (`objective/kl`, `policy/clipfrac`,
-...), so readers recognise every knob. The reference policy is the same base model
-with the adapter disabled; no second copy of the weights exists.
+...), so readers recognise every knob. The reference policy is the adapter this run
+started from (the served one), loaded a second time as a frozen adapter on the same
+base, or the base itself (adapter disabled) on a cold start; no second copy of the
+base weights exists. The KL penalty is therefore this cycle's change; the total KL to
+the base is the gate's concern (trainer/gate.py).
+
+Rollouts sample with the temperature and top-p the app serves with; log-probs use
+logits scaled by the temperature over the whole vocabulary (the importance ratio and
+the KL ignore the top-p truncation, as TRL's former PPO trainer did). State that
+carries over between cycles, the value head and the KL controller, is `PPOState`:
+saved with each adapter (`save_state`) and loaded by the next run (`load_state`).
 
 What it is not: data loading or publishing (schedule.py and __main__.py do that).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -137,12 +148,19 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 class AdaptiveKLController:
-    """Ziegler et al. 2019: move kl_coef so the observed KL tracks `target` over `horizon` samples."""
+    """Ziegler et al. 2019: move kl_coef so the observed KL tracks `target` over `horizon` samples.
 
-    def __init__(self, init_kl_coef: float, target: float | None, horizon: int = 10000):
+    `update(kl, n_steps)` with n_steps = rollouts of the iteration: at the defaults (8
+    rollouts, horizon 32) β moves by up to 5% per iteration, so it can double or halve
+    within a cycle or two; its value carries over to the next cycle through `PPOState`."""
+
+    def __init__(self, init_kl_coef: float, target: float | None, horizon: int = 32):
         self.value = init_kl_coef
         self.target = target
         self.horizon = horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def update(self, current_kl: float, n_steps: int) -> None:
         if self.target is None:  # fixed coefficient
@@ -180,7 +198,7 @@ class PPOConfig:
     top_p: float = 1.0
     init_kl_coef: float = 0.05
     target_kl: float | None = 6.0  # adaptive controller target; None = fixed kl_coef
-    kl_horizon: int = 10000
+    kl_horizon: int = 32  # in rollouts
     kl_ceiling: float = 20.0  # mean sequence KL above this stops the run
     cliprange: float = 0.2
     cliprange_value: float = 0.2
@@ -188,8 +206,54 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     max_grad_norm: float = 1.0
-    missing_eos_penalty: float | None = -1.0  # score given to replies that never emitted EOS
+    missing_eos_penalty: float | None = None  # subtracted from the score of replies that never emitted EOS; None/0 = off
     whiten_rewards: bool = False
+
+
+@dataclass
+class PPOState:
+    """What one run hands to the next: the value head and the KL controller."""
+
+    value_head: ValueHead
+    kl_ctl: AdaptiveKLController
+
+
+STATE_FILE = "ppo_state.safetensors"  # beside the adapter: the value head's weights
+STATE_KEY = "ppo_state"  # manifest field: the KL controller and where the value head came from
+
+
+def new_state(hidden_size: int, cfg: "PPOConfig", device="cpu") -> PPOState:
+    return PPOState(ValueHead(hidden_size).to(device), AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon))
+
+
+def save_state(state: PPOState) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors for STATE_FILE, JSON for the manifest's STATE_KEY)."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.value_head.state_dict().items()}
+    return tensors, {"kl_ctl": state.kl_ctl.state_dict()}
+
+
+def load_state(adapter_dir, manifest: dict, hidden_size: int, cfg: "PPOConfig", device="cpu") -> tuple[PPOState, bool]:
+    """The state saved beside a parent adapter, or a fresh one. Returns (state, resumed).
+
+    The controller resumes at the parent's β with this run's target and horizon (the
+    settings may have changed between cycles; the learned β is what carries over)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    state = new_state(hidden_size, cfg, device)
+    path = Path(adapter_dir) / STATE_FILE if adapter_dir is not None else None
+    saved = (manifest or {}).get(STATE_KEY) or {}
+    if path is None or not path.is_file() or "kl_ctl" not in saved:
+        return state, False
+    tensors = load_file(str(path))
+    if tuple(tensors["summary.weight"].shape) != tuple(state.value_head.summary.weight.shape):
+        return state, False
+    state.value_head.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+    value = float(saved["kl_ctl"]["value"])
+    if math.isfinite(value) and value > 0:
+        state.kl_ctl.value = value
+    return state, True
 
 
 class NonFiniteError(RuntimeError):
@@ -276,8 +340,40 @@ def degenerate(texts: list[str], responses: torch.Tensor, mask: torch.Tensor) ->
     return count
 
 
-def ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, reward_fn, cfg: PPOConfig, kl_ctl: AdaptiveKLController, eos_ids, pad_id):
-    """One numbered PPO iteration. `reward_fn(prompts, texts) -> (B,) scores`. Returns metrics."""
+def eos_penalised(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """scores − penalty where a reply hit the cap without EOS (TRL's missing_eos_penalty). (B,), (B,) bool."""
+    if not penalty:
+        return scores
+    return scores - penalty * (~ended).to(scores.dtype)
+
+
+REFERENCE_ADAPTER = "reference"  # peft name of the frozen parent adapter in a PPO run
+
+
+@contextlib.contextmanager
+def reference(model, ref_adapter: str | None):
+    """Run the reference policy inside the block: the frozen adapter `ref_adapter`, or
+    the base with adapters disabled when it is None. The active adapter is restored after."""
+    if ref_adapter is None:
+        with model.disable_adapter():
+            yield
+        return
+    active = model.active_adapter
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.set_adapter(ref_adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter(active)
+        for n, p in model.named_parameters():  # set_adapter marks the active adapter trainable; undo that
+            p.requires_grad_(trainable[n])
+
+
+def ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, reward_fn, cfg: PPOConfig, kl_ctl: AdaptiveKLController, eos_ids, pad_id,
+                  ref_adapter: str | None = None):
+    """One numbered PPO iteration. `reward_fn(prompts, texts) -> (B,) scores`. Returns metrics.
+
+    `ref_adapter` names the frozen adapter that is the reference policy (None: the base)."""
     times = {}
     device = next(model.parameters()).device
     model.eval()  # dropout off for rollout, scoring and the update (the KL terms assume it)
@@ -288,22 +384,20 @@ def ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, rew
     responses, mask = ro.responses.to(device), ro.mask.to(device)
     times["time/rollout"] = time.perf_counter() - t
 
-    # (2) score with the reward model; replies that never ended get the missing-EOS penalty
+    # (2) score with the reward model; replies that never ended lose the missing-EOS penalty
     t = time.perf_counter()
-    scores = reward_fn(prompts, ro.texts).to(device).float()  # (B,)
-    raw_scores = scores.clone()
-    if not torch.isfinite(raw_scores).all():  # checked before the penalty, which would hide it
+    raw_scores = reward_fn(prompts, ro.texts).to(device).float()  # (B,)
+    if not torch.isfinite(raw_scores).all():
         raise NonFiniteError("non-finite reward scores; update skipped")
-    if cfg.missing_eos_penalty is not None:
-        scores = torch.where(ro.ended.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    scores = eos_penalised(raw_scores, ro.ended.to(device), cfg.missing_eos_penalty)
     times["time/score"] = time.perf_counter() - t
 
-    # (3) per-token log-probs of policy and reference (adapter disabled), (5) values
+    # (3) per-token log-probs of policy and reference (the parent adapter, or the base), (5) values
     t = time.perf_counter()
     with torch.no_grad():
         old_logprobs, old_values, logits = forward_logprobs(model, value_head, queries, responses, mask, pad_id, cfg.temperature, True)
         entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mask.float())
-        with model.disable_adapter():
+        with reference(model, ref_adapter):
             ref_logprobs, _, _ = forward_logprobs(model, value_head, queries, responses, mask, pad_id, cfg.temperature, False)
     if not (torch.isfinite(old_logprobs).all() and torch.isfinite(ref_logprobs).all()):
         raise NonFiniteError("non-finite log-probs in the rollout; update skipped")
@@ -393,8 +487,10 @@ def config_from(args) -> PPOConfig:
         lr=args.ppo_lr,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
+        top_p=args.top_p,
         init_kl_coef=args.init_kl_coef,
         target_kl=args.target_kl or None,
+        kl_horizon=args.kl_horizon,
         kl_ceiling=args.kl_ceiling,
         cliprange=args.cliprange,
         cliprange_value=args.cliprange_value,
@@ -402,7 +498,7 @@ def config_from(args) -> PPOConfig:
         gamma=args.gamma,
         lam=args.lam,
         max_grad_norm=args.max_grad_norm,
-        missing_eos_penalty=args.missing_eos_penalty,
+        missing_eos_penalty=args.missing_eos_penalty or None,
     )
 
 
@@ -411,7 +507,10 @@ POLICY_ADAPTER = "policy"
 
 def build_trainable_policy(model_args, parent_dir=None):
     """(peft model with a trainable 'policy' adapter, tokenizer). The adapter starts
-    from `parent_dir` (the adapter being served) when given, else fresh (identity)."""
+    from `parent_dir` (the adapter being served) when given, else fresh (identity).
+
+    With a parent, the same weights are loaded a second time as the frozen adapter
+    REFERENCE_ADAPTER, the reference policy of the run (`train(..., ref_adapter=...)`)."""
     from peft import PeftModel, get_peft_model
 
     from assistant.model import load_base, lora_config
@@ -419,6 +518,10 @@ def build_trainable_policy(model_args, parent_dir=None):
     tokenizer, base = load_base(model_args)
     if parent_dir is not None:
         model = PeftModel.from_pretrained(base, str(parent_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+        model.load_adapter(str(parent_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter(POLICY_ADAPTER)
+        for name, p in model.named_parameters():
+            p.requires_grad_(f".{POLICY_ADAPTER}." in name)
     else:
         model = get_peft_model(base, lora_config(model_args), adapter_name=POLICY_ADAPTER)
     model.eval()
@@ -439,11 +542,14 @@ def encode_prompts(tokenizer, prompts: list[list[dict]], max_tokens: int) -> tup
 
 
 def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig, iterations: int, seed: int = 0,
-          prompt_max_tokens: int = 256, progress: bool = True, log=print):
-    """Run PPO iterations on `model`'s trainable adapter; returns (value_head, history, stop_reason).
+          prompt_max_tokens: int = 256, progress: bool = True, log=print, state: PPOState | None = None,
+          ref_adapter: str | None = None):
+    """Run PPO iterations on `model`'s trainable adapter; returns (state, history, stop_reason).
 
-    Stops early when KL exceeds the ceiling; a non-finite value raises NonFiniteError
-    after skipping the update, so the caller keeps the last good adapter."""
+    `state` continues a previous run's value head and KL controller (a fresh one when
+    None); `ref_adapter` is the frozen reference adapter (None: the base). Stops early
+    when KL exceeds the ceiling; a non-finite value raises NonFiniteError after skipping
+    the update, so the caller keeps the last good adapter."""
     from tqdm import tqdm
 
     from assistant.chat import build_prompt  # noqa: F401  (same template as serving)
@@ -453,11 +559,10 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig
     if not prompts:
         raise ValueError("no prompts to roll out (all empty or longer than --prompt-max-tokens)")
     device = next(model.parameters()).device
-    hidden = model.get_base_model().config.hidden_size
-    value_head = ValueHead(hidden).to(device)
+    state = state or new_state(model.get_base_model().config.hidden_size, cfg, device)
+    value_head, kl_ctl = state.value_head, state.kl_ctl
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     tok = tokenizer
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -470,7 +575,7 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig
     for it in bar:
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=rng).tolist()
         metrics = ppo_iteration(model, value_head, optimizer, tokenizer, [queries[i] for i in pick], [prompts[i] for i in pick],
-                                reward_fn, cfg, kl_ctl, eos_ids, pad_id)
+                                reward_fn, cfg, kl_ctl, eos_ids, pad_id, ref_adapter)
         metrics["iteration"] = it + 1
         history.append(metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
@@ -478,7 +583,7 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig
         if kl_too_high(metrics, cfg):
             stop = f"KL {metrics['objective/kl']:.2f} above the ceiling {cfg.kl_ceiling}"
             break
-    return value_head, history, stop
+    return state, history, stop
 
 
 LOGGED = ("objective/scores", "objective/kl", "objective/entropy", "policy/approxkl", "policy/clipfrac",

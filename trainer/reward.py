@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -48,11 +47,13 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from assistant import cycles
 from assistant.adapters import fsync_dir
 from assistant.config import ModelArgs
 from assistant.model import backbone, load_base, lora_config, resolve_device, resolve_quantize, scalar_head
 from trainer.config import RewardArgs
 from trainer.data import Examples, Pair, Pointwise, prompt_messages
+from trainer.gate import wilson
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ HEAD_FILE = "head.safetensors"
 NORMALIZER_FILE = "normalizer.json"
 MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE, NORMALIZER_FILE, MANIFEST_FILE)
-VERSION_RE = re.compile(r"^r\d{6}$")
+VERSION_RE = cycles.REWARD_VERSION_RE
 STD_FLOOR = 1e-6  # a reference set that scores all alike is centred, not blown up
 
 
@@ -99,18 +100,7 @@ def agreement(example: Pair | Pointwise) -> float:
     return example.support / total if total > 0 else 1.0
 
 
-def accuracy_ci(correct: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
-    """(accuracy, lo, hi): the accuracy and its 95% Wilson score interval.
-
-    Wilson rather than the normal approximation, so the interval stays inside [0, 1]
-    and is honest for the small validation sets feedback gives. n = 0 → (nan, 0, 1)."""
-    if n == 0:
-        return float("nan"), 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+accuracy_ci = wilson  # (accuracy, lo, hi): the accuracy and its 95% Wilson interval; n = 0 gives (nan, 0, 1)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -319,7 +309,11 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
 
     AdamW on the LoRA and head parameters only (the base stays frozen), seeded
     shuffling, one optimiser step per `reward_batch_size` examples (a pair or a
-    pointwise label each), loss = pairwise + pointwise_weight × pointwise.
+    pointwise label each), loss = pairwise + pointwise_weight × pointwise. Memory is
+    bounded whatever the data: each forward/backward pass holds at most
+    `reward_micro_batch_size` examples of at most `reward_max_length` tokens (gradients
+    accumulate to the step), and with `reward_gradient_checkpointing` only one layer's
+    activations are live during the backward pass.
     Returns (model in eval mode, metrics):
 
     train_pairs, train_pointwise, val_pairs, val_pointwise   examples of each sort
@@ -343,9 +337,12 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     items = [("pair", rm.encode(prompt_messages(p.prompt), p.chosen), rm.encode(prompt_messages(p.prompt), p.rejected), agreement(p)) for p in train.pairs]
     items += [("point", rm.encode(prompt_messages(x.prompt), x.completion), x.label, agreement(x)) for x in train.pointwise]
     bs = reward_args.reward_batch_size
+    mbs = min(reward_args.reward_micro_batch_size, bs)
     steps_per_epoch = math.ceil(len(items) / bs)
     rng = random.Random(reward_args.seed)
 
+    if reward_args.reward_gradient_checkpointing:
+        rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rm.model.train()
     loop_started = time.perf_counter()
     bar = tqdm(total=steps_per_epoch * reward_args.reward_epochs, desc="reward model", unit="step", disable=not progress)
@@ -353,21 +350,27 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
         rng.shuffle(items)
         epoch_loss, epoch_correct, epoch_pairs = 0.0, 0, 0
         for start in range(0, len(items), bs):
-            loss, correct, n_pairs = _batch_loss(rm, items[start : start + bs], reward_args.pointwise_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"reward-model loss is {loss.item()} at epoch {epoch + 1}, step {start // bs + 1}; lower --reward-lr")
+            batch = items[start : start + bs]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for micro in range(0, len(batch), mbs):  # gradients accumulate over micro-batches
+                part = batch[micro : micro + mbs]
+                loss, correct, n_pairs = _batch_loss(rm, part, reward_args.pointwise_weight)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"reward-model loss is {loss.item()} at epoch {epoch + 1}, step {start // bs + 1}; lower --reward-lr")
+                (loss * (len(part) / len(batch))).backward()
+                step_loss += loss.detach().item() * len(part) / len(batch)
+                epoch_correct += correct
+                epoch_pairs += n_pairs
             torch.nn.utils.clip_grad_norm_(params, reward_args.reward_max_grad_norm)
             optimizer.step()
-            step_loss = loss.detach().item()
             epoch_loss += step_loss
-            epoch_correct += correct
-            epoch_pairs += n_pairs
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.3f}", acc=f"{epoch_correct / max(epoch_pairs, 1):.2f}")
     bar.close()
     train_seconds = time.perf_counter() - loop_started
+    if reward_args.reward_gradient_checkpointing:
+        rm.model.gradient_checkpointing_disable()
     rm.model.eval()
 
     normalize(rm, *reference_set(train, reward_args.normalizer_size, reward_args.seed), reward_args.reward_eval_batch_size)
@@ -401,12 +404,8 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
 # -- on disk ---------------------------------------------------------------------
 
 
-def versions(reward_dir: str | Path) -> list[str]:
-    """Saved reward-model versions, oldest first."""
-    d = Path(reward_dir)
-    if not d.is_dir():
-        return []
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+versions = cycles.reward_versions  # saved versions, oldest first (the data/ contract, shared with the dashboard)
+read_manifest = cycles.reward_manifest
 
 
 def save(reward_dir: str | Path, reward_model: RewardModel, manifest: dict) -> str:
@@ -454,8 +453,6 @@ def save(reward_dir: str | Path, reward_model: RewardModel, manifest: dict) -> s
     return version
 
 
-def read_manifest(reward_dir: str | Path, version: str) -> dict:
-    return json.loads((Path(reward_dir) / version / MANIFEST_FILE).read_text())
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -2,12 +2,15 @@
 
 One cycle (`run_cycle`), under a lock that lets only one run at a time across processes:
 
-    0. tidy up after a killed cycle: temporary directories, statuses that disagree with CURRENT
-    1. snapshot the feedback (an id range per table)
-    2. refit the reward model on it                      -> data/reward/rNNNNNN/
-    3. PPO from the served adapter on the training prompts -> data/adapters/vNNNNNN/ (candidate)
-    4. evaluate candidate and served adapter on held-out prompts: reward-model score,
-       KL to the base, degenerate replies, finite weights
+    0. tidy up after a killed cycle; decide a live candidate that has its votes (or withdraw it)
+    1. snapshot the feedback (an id range per table; the prompts come from it too)
+       and check there is enough signal to train on          -> else "waiting"
+    2. fit two reward models on disjoint folds (steps.fit_reward_pair): the policy's
+       reward and the judge; check their cross-fitted accuracy  -> else "waiting"
+    3. PPO from the served adapter against the policy's reward, on training prompts only
+                                                              -> data/adapters/vNNNNNN/ (candidate)
+    4. evaluate candidate vs served adapter on held-out prompts and held-out pairs
+       with evidence PPO did not optimise against (gate.evaluate)
     5. promote (CURRENT -> candidate), reject (reasons in the manifest), or, with
        --live-compare, put it in front of users in Compare mode (LIVE) and decide on
        their votes in a later cycle
@@ -19,18 +22,16 @@ nothing here talks to it. `run_schedule` starts cycles every --every-min minutes
     python -m trainer once        # one cycle now (cron: nightly retraining)
     python -m trainer run         # cycles on the schedule, until stopped
 
-What it is not: the training math (reward.py, ppo.py) or the adapter format (assistant/adapters.py).
+What it is not: the training steps (steps.py, reward.py, ppo.py), the decision rules
+(gate.py), or the files the server reads (assistant/adapters.py, assistant/cycles.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import sqlite3
@@ -38,86 +39,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from assistant import adapters
+from assistant import adapters, cycles
 from assistant.config import BASE_VERSION, ModelArgs
+from assistant.cycles import Busy, CycleLock
+from trainer import gate
 from trainer.config import DataArgs, PPOArgs, RewardArgs, ScheduleArgs
 
 log = logging.getLogger("trainer.schedule")
 
 FEEDBACK_TABLES = ("votes", "vote_events", "comparisons", "corrections", "rankings")
-
-
-class Busy(RuntimeError):
-    """Another cycle holds the lock."""
-
-
-# -- the cross-process lock ------------------------------------------------------
-
-
-class CycleLock:
-    """An exclusive, non-blocking flock on `path`; the holder writes who it is and what it does.
-
-    The kernel drops a flock when its process dies, SIGKILL included, so a killed
-    cycle never leaves the lock held."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._f = None
-        self._info: dict = {}
-
-    def __enter__(self) -> "CycleLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            who = holder(self.path) or {}
-            raise Busy(f"another cycle is running (pid {who.get('pid', '?')}, started {who.get('started_at', '?')}, "
-                       f"phase {who.get('phase', '?')}); not starting a second one") from None
-        self._f = f
-        self._info = {"pid": os.getpid(), "started_at": _now(), "phase": "starting"}
-        self._write()
-        return self
-
-    def phase(self, name: str) -> None:
-        self._info["phase"] = name
-        self._write()
-
-    def _write(self) -> None:
-        self._f.seek(0)
-        self._f.truncate()
-        self._f.write(json.dumps(self._info))
-        self._f.flush()
-
-    def __exit__(self, *exc) -> None:
-        self._f.seek(0)
-        self._f.truncate()
-        fcntl.flock(self._f, fcntl.LOCK_UN)
-        self._f.close()
-        self._f = None
-
-
-def holder(path: str | Path) -> dict | None:
-    """{pid, started_at, phase} of the running cycle, or None when no cycle runs."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            try:
-                return json.loads(f.read() or "{}")
-            except json.JSONDecodeError:
-                return {}
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return None
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # -- (0) tidy up after a killed cycle --------------------------------------------------
@@ -174,24 +104,12 @@ def feedback_high_water(db_path: str | Path) -> dict[str, int]:
         con.close()
 
 
-def cycles(cycles_log: str | Path) -> list[dict]:
-    """Finished cycles, oldest first."""
-    path = Path(cycles_log)
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
-
-
 def new_rows(db_path: str | Path, cycles_log: str | Path) -> int:
     """Feedback rows added since the snapshot of the last cycle that read one and did not fail.
 
     Vote changes count through vote_events, so a user flipping a thumb counts once."""
     now = feedback_high_water(db_path)
-    seen = next((c["feedback_ids"] for c in reversed(cycles(cycles_log)) if c.get("feedback_ids") and c.get("decision") != "failed"), {})
+    seen = next((c["feedback_ids"] for c in reversed(cycles.read(cycles_log)) if c.get("feedback_ids") and c.get("decision") != "failed"), {})
     last = {t: (seen.get(t) or [1, 0])[1] for t in FEEDBACK_TABLES}
     return sum(max(0, now[t] - last[t]) for t in FEEDBACK_TABLES if t != "votes")
 
@@ -212,16 +130,18 @@ def split_prompts(prompts: list[list[dict]], fraction: float) -> tuple[list[list
     return train, held
 
 
-def cycle_prompts(db_path, ppo_args: PPOArgs, sched: ScheduleArgs) -> tuple[list, list]:
-    """(PPO prompts, evaluation prompts): the store's recent contexts plus the default set, split."""
-    from trainer.data import default_prompts, recent_prompts
+def cycle_prompts(snapshot, ppo_args: PPOArgs, sched: ScheduleArgs) -> tuple[list, list]:
+    """(PPO prompts, evaluation prompts): the snapshot's prompts plus the default set, split.
 
-    from_store = recent_prompts(db_path, ppo_args.max_prompts)
-    train, held = split_prompts(from_store, sched.eval_fraction)
+    Training prompts are topped up with the default set's training half when the
+    snapshot has fewer than a PPO batch; evaluation always has both held-out halves."""
+    from trainer.data import default_prompts, snapshot_prompts
+
+    train, held = split_prompts(snapshot_prompts(snapshot, ppo_args.max_prompts), sched.eval_fraction)
     d_train, d_held = split_prompts(default_prompts(), sched.eval_fraction)
     if len(train) < ppo_args.ppo_batch_size:
         train += d_train
-    return _unique(train), _unique(held + d_held)[: sched.eval_prompts]
+    return _unique(train), _unique(held + d_held)
 
 
 def _unique(prompts: list[list[dict]]) -> list[list[dict]]:
@@ -234,135 +154,57 @@ def _unique(prompts: list[list[dict]]) -> list[list[dict]]:
     return out
 
 
-# -- (4) evaluation ------------------------------------------------------------------------
-
-
-def evaluate(model_args: ModelArgs, adapters_dir, candidate: str, current: str, prompts: list[list[dict]], score_fn,
-             sched: ScheduleArgs, ppo_args: PPOArgs) -> dict:
-    """Candidate vs current adapter on held-out prompts: sampled replies (same seed for both),
-    scored with `score_fn`; the missing-EOS penalty applies as in training. Also the
-    candidate's KL to the base (k1, nats per reply, on its own samples) and degenerate replies."""
-    import torch
-    from peft import PeftModel
-
-    from assistant.model import load_base
-    from trainer import ppo
-
-    d = Path(adapters_dir)
-    tok, base = load_base(model_args)
-    model = PeftModel.from_pretrained(base, str(d / candidate), adapter_name="candidate")
-    if current != BASE_VERSION:
-        model.load_adapter(str(d / current), adapter_name="current")
-    model.eval()
-    prompts, queries = ppo.encode_prompts(tok, prompts, ppo_args.prompt_max_tokens)
-    if not prompts:
-        raise ValueError("no held-out prompts to evaluate on")
-    cfg = ppo.PPOConfig(max_new_tokens=sched.eval_max_new_tokens, temperature=ppo_args.temperature,
-                        missing_eos_penalty=ppo_args.missing_eos_penalty)
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tok.eos_token_id is not None:
-        eos_ids.add(tok.eos_token_id)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
-
-    def side(name: str):
-        torch.manual_seed(sched.eval_seed)
-        if name == BASE_VERSION:
-            with model.disable_adapter(), torch.no_grad():
-                ro = ppo.rollout(model, tok, queries, cfg, eos_ids, pad_id)
-        else:
-            model.set_adapter(name)
-            with torch.no_grad():
-                ro = ppo.rollout(model, tok, queries, cfg, eos_ids, pad_id)
-        raw = score_fn(prompts, ro.texts).float()
-        scored = torch.where(ro.ended, raw, torch.full_like(raw, cfg.missing_eos_penalty)) if cfg.missing_eos_penalty is not None else raw
-        return ro, raw, scored
-
-    with torch.no_grad():
-        cand, cand_raw, cand_scores = side("candidate")
-        cur, cur_raw, cur_scores = side("current" if current != BASE_VERSION else BASE_VERSION)
-        model.set_adapter("candidate")
-        device = next(model.parameters()).device
-        responses, mask = cand.responses.to(device), cand.mask.to(device)
-        logp, _, _ = ppo.forward_logprobs(model, None, cand.queries, responses, mask, pad_id, cfg.temperature, False)
-        with model.disable_adapter():
-            ref, _, _ = ppo.forward_logprobs(model, None, cand.queries, responses, mask, pad_id, cfg.temperature, False)
-        kl = float((ppo.kl_k1(logp, ref) * mask.float()).sum(1).mean())
-    wins = float((cand_scores > cur_scores).float().mean())
-    return {
-        "prompts": len(prompts),
-        "candidate_score": float(cand_scores.mean()),
-        "current_score": float(cur_scores.mean()),
-        "margin": float(cand_scores.mean() - cur_scores.mean()),
-        "candidate_raw_score": float(cand_raw.mean()),
-        "current_raw_score": float(cur_raw.mean()),
-        "win_rate": wins,
-        "kl": kl,
-        "degenerate": ppo.degenerate(cand.texts, cand.responses, cand.mask),
-        "current_degenerate": ppo.degenerate(cur.texts, cur.responses, cur.mask),
-        "candidate_ended": float(cand.ended.float().mean()),
-        "current_ended": float(cur.ended.float().mean()),
-        "candidate_length": float(cand.mask.sum(1).float().mean()),
-        "current_length": float(cur.mask.sum(1).float().mean()),
-        "samples": [{"prompt": p[-1]["content"][:200], "candidate": a, "current": b}
-                    for p, a, b in list(zip(prompts, cand.texts, cur.texts))[:3]],
-    }
-
-
-def gate(evaluation: dict, finite_error: str | None, sched: ScheduleArgs) -> list[str]:
-    """Reasons to reject (empty: promote)."""
-    reasons = []
-    if finite_error:
-        reasons.append(f"invalid weights: {finite_error}")
-    if evaluation.get("margin") is not None and evaluation["margin"] < sched.margin:
-        reasons.append(f"reward margin {evaluation['margin']:+.3f} below the required {sched.margin:+.3f} "
-                       f"(candidate {evaluation['candidate_score']:.3f} vs current {evaluation['current_score']:.3f})")
-    if evaluation.get("kl") is not None and evaluation["kl"] > sched.kl_budget:
-        reasons.append(f"KL to the base {evaluation['kl']:.2f} over the budget {sched.kl_budget:.2f}")
-    if evaluation.get("degenerate", 0) > sched.max_degenerate:
-        reasons.append(f"{evaluation['degenerate']} degenerate replies out of {evaluation['prompts']} (at most {sched.max_degenerate})")
-    return reasons
-
-
 # -- live comparison ---------------------------------------------------------------------
 
 
 def live_votes(db_path: str | Path, candidate: str, current: str) -> dict:
-    """Decisive A/B choices between replies of `candidate` and `current`: {votes, wins, win_rate}."""
+    """Decisive A/B choices between replies of `candidate` and `current`, one per user
+    and prompt (the latest counts; asking the same thing again does not vote twice):
+    {votes, wins, win_rate, choices} where choices counts every decisive row."""
     if not Path(db_path).exists():
-        return {"votes": 0, "wins": 0, "win_rate": None}
+        return {"votes": 0, "wins": 0, "win_rate": None, "choices": 0}
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
         rows = con.execute(
-            """SELECT c.choice, ra.adapter_version, rb.adapter_version FROM comparisons c
+            """SELECT c.user_id, ra.context, c.choice, ra.adapter_version, rb.adapter_version FROM comparisons c
                JOIN replies ra ON ra.id = c.reply_a_id JOIN replies rb ON rb.id = c.reply_b_id
-               WHERE c.choice IN ('a', 'b')""").fetchall()
+               WHERE c.choice IN ('a', 'b') ORDER BY c.id""").fetchall()
     finally:
         con.close()
-    votes = wins = 0
-    for choice, va, vb in rows:
+    counted: dict[tuple, bool] = {}
+    choices = 0
+    for user, context, choice, va, vb in rows:
         if {va, vb} != {candidate, current}:
             continue
-        votes += 1
-        wins += (va if choice == "a" else vb) == candidate
-    return {"votes": votes, "wins": wins, "win_rate": wins / votes if votes else None}
+        choices += 1
+        counted[(user, context)] = (va if choice == "a" else vb) == candidate
+    votes, wins = len(counted), sum(counted.values())
+    return {"votes": votes, "wins": wins, "win_rate": wins / votes if votes else None, "choices": choices}
+
+
+def _hours_since(stamp: str | None) -> float:
+    if not stamp:
+        return 0.0
+    then = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return (dt.datetime.now(dt.timezone.utc) - then).total_seconds() / 3600
 
 
 def settle_live(adapters_dir, db_path, sched: ScheduleArgs) -> dict | None:
-    """Decide the LIVE candidate when it has enough votes; returns what happened, or None."""
+    """Decide the LIVE candidate by gate.live_decision; returns what happened, or None without one."""
     live = adapters.read_live(adapters_dir)
     if live is None:
         return None
     current = adapters.read_current(adapters_dir)
     tally = live_votes(db_path, live, current)
-    if tally["votes"] < sched.live_min_votes:
-        return {"version": live, "decision": "awaiting votes", **tally}
-    if tally["win_rate"] >= sched.live_win_rate:
-        adapters.promote(adapters_dir, live, reason=f"won {tally['win_rate']:.0%} of {tally['votes']} live votes", live=tally)
-        return {"version": live, "decision": "promoted", **tally}
-    why = f"won {tally['win_rate']:.0%} of {tally['votes']} live votes, below {sched.live_win_rate:.0%}"
+    hours = _hours_since(adapters.read_manifest(adapters_dir, live).get("live_since"))
+    verdict, why = gate.live_decision(tally["wins"], tally["votes"] - tally["wins"], hours, sched)
+    if verdict == "wait":
+        return {"version": live, "decision": "awaiting votes", "reasons": [why], **tally}
+    if verdict == "promote":
+        adapters.promote(adapters_dir, live, reason=why, live=tally)
+        return {"version": live, "decision": "promoted", "reasons": [why], **tally}
     adapters.reject(adapters_dir, live, [why], live=tally)
-    return {"version": live, "decision": "rejected", "reasons": [why], **tally}
+    return {"version": live, "decision": "withdrawn" if verdict == "withdraw" else "rejected", "reasons": [why], **tally}
 
 
 # -- the cycle -------------------------------------------------------------------------------
@@ -370,11 +212,13 @@ def settle_live(adapters_dir, db_path, sched: ScheduleArgs) -> dict | None:
 
 @dataclass
 class CycleResult:
-    decision: str  # promoted | rejected | live | skipped | failed
+    decision: str  # promoted | rejected | live | waiting | skipped | failed
     version: str | None = None  # the candidate adapter
     parent: str | None = None
-    reward_version: str | None = None
+    reward_version: str | None = None  # the reward model PPO trained against
+    judge_version: str | None = None  # the reward model that judged the candidate (PPO never saw it)
     reasons: list[str] = field(default_factory=list)
+    signal: dict = field(default_factory=dict)  # decisive pairs and cross-fitted reward-model accuracy
     evaluation: dict = field(default_factory=dict)
     feedback_ids: dict = field(default_factory=dict)
     rows: int = 0
@@ -385,24 +229,23 @@ class CycleResult:
     def summary(self) -> str:
         head = f"cycle {self.decision}"
         if self.version:
-            head += f": candidate {self.version} (parent {self.parent}, reward model {self.reward_version})"
-        if self.evaluation.get("margin") is not None:
-            e = self.evaluation
-            head += f"; held-out reward {e['candidate_score']:.3f} vs {e['current_score']:.3f} (margin {e['margin']:+.3f}), KL {e['kl']:.2f}, degenerate {e['degenerate']}"
+            head += f": candidate {self.version} (parent {self.parent}, reward model {self.reward_version}, judge {self.judge_version})"
+        e = self.evaluation
+        if e.get("win_rate") is not None:
+            h = e.get("human_agreement") or {}
+            head += (f"; judge win rate {e['win_rate']:.2f} [{e['win_rate_lo']:.2f}, {e['win_rate_hi']:.2f}] over {e['replies']} replies, "
+                     f"margin {e['margin']:+.3f}, KL to parent {e['kl_parent']:.2f}, to base {e['kl_base']:.2f}, degenerate {e['degenerate']}")
+            if h.get("n"):
+                head += f", human agreement {h['share']:.2f} [{h['lo']:.2f}, {h['hi']:.2f}] on {h['n']} pairs"
         if self.reasons:
             head += "; " + "; ".join(self.reasons)
         return head + f" [{self.seconds:.0f}s]"
 
 
 def _log_cycle(sched: ScheduleArgs, result: CycleResult) -> None:
-    path = Path(sched.cycles_log)
-    path.parent.mkdir(parents=True, exist_ok=True)
     entry = asdict(result)
     entry["evaluation"] = {k: v for k, v in entry["evaluation"].items() if k != "samples"}
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    cycles.append(sched.cycles_log, entry)
 
 
 def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, sched: ScheduleArgs,
@@ -411,13 +254,13 @@ def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArg
 
     A failure inside the cycle is logged and returned as decision 'failed'; what was
     already serving keeps serving."""
-    from trainer.__main__ import fit_reward, run_ppo
+    from trainer import steps
     from trainer.data import build_examples, read_snapshot
     from trainer.ppo import NonFiniteError
 
     adir = ppo_args.adapters_dir
     with CycleLock(sched.lock_file) as lock:
-        started, t0 = _now(), time.perf_counter()
+        started, t0 = cycles.now(), time.perf_counter()
         result = CycleResult(decision="failed", started_at=started)
         try:
             # (0) tidy up after a killed cycle; decide a LIVE candidate that has its votes
@@ -426,9 +269,9 @@ def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArg
             result.settled = settle_live(adir, data_args.db, sched)
             if result.settled and result.settled["decision"] == "awaiting votes":
                 result.decision, result.version = "skipped", result.settled["version"]
-                result.reasons = [f"{result.version} is in live comparison with {result.settled['votes']} of {sched.live_min_votes} votes"]
+                result.reasons = list(result.settled["reasons"])
                 return result
-            # (1) snapshot
+            # (1) snapshot; enough signal?
             lock.phase("snapshot")
             if not Path(data_args.db).exists():
                 result.decision, result.reasons = "skipped", [f"no feedback database at {data_args.db}"]
@@ -436,28 +279,37 @@ def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArg
             snapshot = read_snapshot(data_args.db)
             result.feedback_ids, result.rows = snapshot.id_range(), snapshot.total_rows()
             examples = build_examples(snapshot)
-            usable = len(examples.pairs) + len(examples.pointwise)
-            if usable < reward_args.min_pairs:
-                result.decision = "skipped"
-                result.reasons = [f"{usable} training examples from {result.rows} feedback rows; the reward model needs --min-pairs {reward_args.min_pairs}"]
+            result.signal = {"decisive_pairs": gate.decisive_pairs(examples), "min_decisive_pairs": sched.min_decisive_pairs,
+                             "pointwise": len(examples.pointwise), "counts": examples.counts}
+            fold_a, fold_b = steps.folds(examples)
+            result.reasons = gate.signal_reasons(examples, sched) or gate.fold_reasons(fold_a, fold_b, reward_args.min_pairs)
+            if result.reasons:
+                result.decision = "waiting"
                 return result
-            # (2) reward model
+            # (2) the policy's reward model and the judge, on disjoint folds
             lock.phase("reward")
-            rv, rmanifest, rm = fit_reward(model_args, data_args, reward_args, progress=progress, snapshot=snapshot)
-            result.reward_version = rv
-            log.info("reward model %s: val accuracy %s", rv, rmanifest["metrics"].get("val_accuracy"))
+            fit = steps.fit_reward_pair(model_args, reward_args, snapshot, examples, progress=progress)
+            result.reward_version, result.judge_version = fit.policy_version, fit.judge_version
+            result.signal.update(fit.signal)
+            result.reasons = gate.fit_reasons(fit.signal, sched)
+            if result.reasons:
+                result.decision = "waiting"
+                return result
 
             def score_fn(prompts, texts):
-                return rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
+                return fit.policy_rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
+
+            def judge_fn(prompts, texts):
+                return fit.judge_rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
 
             # (3) PPO from the served adapter, on the training prompts only
             lock.phase("ppo")
-            train_prompts, eval_prompts = cycle_prompts(data_args.db, ppo_args, sched)
-            version, manifest = run_ppo(model_args, data_args, reward_args, ppo_args, progress=progress, reward_fn=score_fn,
-                                        reward_version=rv, prompts=train_prompts,
-                                        extra={"feedback_ids": result.feedback_ids, "eval_prompts": len(eval_prompts)})
+            train_prompts, eval_prompts = cycle_prompts(snapshot, ppo_args, sched)
+            version, manifest = steps.run_ppo(model_args, data_args, reward_args, ppo_args, progress=progress, reward_fn=score_fn,
+                                              reward_version=fit.policy_version, prompts=train_prompts, snapshot=snapshot,
+                                              extra={"judge_model": fit.judge_version, "eval_prompts": len(eval_prompts)})
             result.version, result.parent = version, manifest["parent"]
-            # (4) evaluate
+            # (4) evaluate on evidence PPO did not optimise against
             lock.phase("evaluate")
             from assistant.model import lora_config
             try:
@@ -465,20 +317,24 @@ def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArg
                 finite_error = None
             except adapters.InvalidAdapter as exc:
                 finite_error = str(exc)
-            result.evaluation = {} if finite_error else evaluate(model_args, adir, version, result.parent, eval_prompts, score_fn, sched, ppo_args)
+            if not finite_error:
+                result.evaluation = gate.evaluate(model_args, adir, version, result.parent, eval_prompts, judge_fn, sched, ppo_args,
+                                                  val_pairs=fit.fold_b.pairs)
             # (5) decide
             lock.phase("decide")
-            result.reasons = gate(result.evaluation, finite_error, sched)
+            result.reasons = gate.gate(result.evaluation, finite_error, sched)
             if result.reasons:
                 adapters.reject(adir, version, result.reasons, evaluation=result.evaluation)
                 result.decision = "rejected"
             elif sched.live_compare:
-                adapters.update_manifest(adir, version, evaluation=result.evaluation, awaiting="live votes")
+                adapters.update_manifest(adir, version, evaluation=result.evaluation, awaiting="live votes", live_since=cycles.now())
                 with adapters.pointer_lock(adir):
                     adapters.set_live(adir, version)
                 result.decision = "live"
             else:
-                adapters.promote(adir, version, reason=f"held-out reward margin {result.evaluation['margin']:+.3f}", evaluation=result.evaluation)
+                e = result.evaluation
+                adapters.promote(adir, version, reason=f"judge win rate {e['win_rate']:.2f} [{e['win_rate_lo']:.2f}, {e['win_rate_hi']:.2f}] "
+                                                       f"over {e['replies']} held-out replies", evaluation=e)
                 result.decision = "promoted"
             return result
         except NonFiniteError as exc:
@@ -534,8 +390,10 @@ def run_schedule(model_args, data_args, reward_args, ppo_args, sched: ScheduleAr
         reason = due(sched, rows, now, last_check, next_daily)
         if reason is None and live is not None:
             tally = live_votes(data_args.db, live, adapters.read_current(ppo_args.adapters_dir))
-            if tally["votes"] >= sched.live_min_votes:
-                reason = f"{live} has {tally['votes']} live votes to decide on"
+            hours = _hours_since(adapters.read_manifest(ppo_args.adapters_dir, live).get("live_since"))
+            verdict, why = gate.live_decision(tally["wins"], tally["votes"] - tally["wins"], hours, sched)
+            if verdict != "wait":
+                reason = f"{live}: {why}"
         if reason is not None:
             log.info("schedule: starting a cycle: %s", reason)
             try:

@@ -1,0 +1,180 @@
+"""The training steps a cycle is made of, each also runnable alone from the CLI.
+
+    fit_reward(...)        one reward model on a train/validation split  (`python -m trainer reward`)
+    fit_reward_pair(...)   two reward models on disjoint folds, cross-fitted: the
+                           policy's reward (fold A) and the judge (fold B)  (the cycle)
+    run_ppo(...)           PPO from the served adapter -> a candidate adapter (`python -m trainer ppo`)
+
+Why two reward models in a cycle: PPO optimises against its reward model, so that
+model's opinion of the result is no evidence that the result is better. The judge is
+fitted on the other half of the feedback and PPO never sees it; each model is
+validated on the half it did not see, and the two together give a cross-fitted
+accuracy on every pair. What it is not: the decision (trainer/gate.py) or the order
+of the steps (trainer/schedule.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from assistant.config import BASE_VERSION, ModelArgs
+from trainer.config import DataArgs, PPOArgs, RewardArgs
+
+log = logging.getLogger("trainer")
+
+FOLD_SEED = "fold-v1"  # salt of the cycle's two-fold split (by conversation, like DataArgs.split_seed)
+
+
+def _snapshot(data_args: DataArgs, snapshot=None):
+    from trainer.data import read_snapshot
+
+    if snapshot is not None:
+        return snapshot
+    if not Path(data_args.db).exists():
+        raise ValueError(f"--db {data_args.db}: no feedback database yet; run the app and give feedback, or `python -m trainer import FILE`")
+    return read_snapshot(data_args.db)
+
+
+def _reward_manifest(snapshot, examples, train, val, metrics, reward_args, started, **extra) -> dict:
+    return {
+        "feedback_ids": snapshot.id_range(),
+        "counts": examples.counts,
+        "examples": {"train_pairs": len(train.pairs), "train_pointwise": len(train.pointwise),
+                     "val_pairs": len(val.pairs), "val_pointwise": len(val.pointwise), "contradictions": examples.contradictions},
+        "metrics": metrics,
+        "reward_args": vars(reward_args),
+        "seconds": time.perf_counter() - started,
+        **extra,
+    }
+
+
+def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, progress: bool = True, snapshot=None):
+    """Snapshot the store (unless given one), build examples, split, fit, save.
+
+    Returns (version, manifest, reward_model)."""
+    from trainer import reward
+    from trainer.data import build_examples, split
+
+    snapshot = _snapshot(data_args, snapshot)
+    examples = build_examples(snapshot)
+    train, val = split(examples, data_args.val_fraction, data_args.split_seed)
+    started = time.perf_counter()
+    rm, metrics = reward.fit(model_args, reward_args, train, val, progress=progress)
+    manifest = _reward_manifest(snapshot, examples, train, val, metrics, reward_args, started, role="single")
+    return reward.save(reward_args.reward_dir, rm, manifest), manifest, rm
+
+
+def folds(examples):
+    """The cycle's two disjoint folds (A, B) of `examples`, split by conversation."""
+    from trainer.data import split
+
+    return split(examples, 0.5, FOLD_SEED)
+
+
+@dataclass
+class CrossFit:
+    """The policy's reward model (fitted on fold A) and the judge (fitted on fold B)."""
+
+    policy_rm: object
+    judge_rm: object
+    policy_version: str
+    judge_version: str
+    fold_a: object  # Examples
+    fold_b: object
+    signal: dict  # val_pairs, val_correct, val_accuracy, val_accuracy_lo, val_accuracy_hi, per model
+
+
+def fit_reward_pair(model_args: ModelArgs, reward_args: RewardArgs, snapshot, examples, progress: bool = True) -> CrossFit:
+    """Fit the policy's reward model on fold A (validated on B) and the judge on fold B
+    (validated on A, with another seed); save both. The pooled validation accuracy over
+    both folds, with its 95% Wilson interval, is `signal`."""
+    from trainer import reward
+
+    fold_a, fold_b = folds(examples)
+    fitted = {}
+    for role, train, val, seed in (("policy", fold_a, fold_b, reward_args.seed), ("judge", fold_b, fold_a, reward_args.seed + 1)):
+        started = time.perf_counter()
+        rm, metrics = reward.fit(model_args, dataclasses.replace(reward_args, seed=seed), train, val, progress=progress)
+        manifest = _reward_manifest(snapshot, examples, train, val, metrics, reward_args, started, role=role,
+                                    fold="A" if role == "policy" else "B")
+        fitted[role] = (reward.save(reward_args.reward_dir, rm, manifest), rm, metrics)
+        log.info("reward model %s (%s, fold %s): val accuracy %s on %d pairs", fitted[role][0], role, manifest["fold"],
+                 metrics.get("val_accuracy"), metrics.get("val_pairs"))
+    n = correct = 0
+    for _, _, m in fitted.values():
+        if m.get("val_accuracy") is not None:
+            n += m["val_pairs"]
+            correct += round(m["val_accuracy"] * m["val_pairs"])
+    acc, lo, hi = reward.accuracy_ci(correct, n)
+    signal = {"val_pairs": n, "val_correct": correct, "val_accuracy": acc if n else None, "val_accuracy_lo": lo, "val_accuracy_hi": hi,
+              "policy_val_accuracy": fitted["policy"][2].get("val_accuracy"), "judge_val_accuracy": fitted["judge"][2].get("val_accuracy")}
+    return CrossFit(fitted["policy"][1], fitted["judge"][1], fitted["policy"][0], fitted["judge"][0], fold_a, fold_b, signal)
+
+
+def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, progress: bool = True,
+            reward_fn=None, reward_version: str | None = None, prompts: list | None = None, extra: dict | None = None,
+            snapshot=None):
+    """PPO from the served adapter against a reward model; publishes a candidate. Returns (version, manifest).
+
+    `reward_fn(prompts, texts) -> (B,) scores` replaces loading the reward model (a
+    scripted reward, or one the caller already holds as `reward_version`); `prompts`
+    replaces the snapshot's prompts plus the default set; `extra` goes into the manifest.
+    The run continues the parent's value head and KL controller (saved beside it) and
+    uses the parent as its reference policy; both are saved with the candidate."""
+    from assistant import adapters
+    from trainer import ppo, reward
+    from trainer.data import default_prompts, snapshot_prompts
+
+    started = time.perf_counter()
+    if reward_fn is None:
+        saved = reward.versions(reward_args.reward_dir)
+        reward_version = ppo_args.reward or (saved[-1] if saved else None)
+        if reward_version is None:
+            raise ValueError(f"--reward-dir {reward_args.reward_dir}: no reward model yet; fit one with `python -m trainer reward`")
+        rm = reward.load(reward_args.reward_dir, model_args, reward_version)
+
+        def reward_fn(prompts, texts):
+            return rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
+
+    if snapshot is None and Path(data_args.db).exists():
+        snapshot = _snapshot(data_args)
+    if prompts is None:
+        from_store = snapshot_prompts(snapshot, ppo_args.max_prompts) if snapshot is not None else []
+        prompts = from_store if len(from_store) >= ppo_args.ppo_batch_size else from_store + default_prompts()
+        prompt_counts = {"from_store": len(from_store), "default": len(prompts) - len(from_store)}
+    else:
+        prompt_counts = {"given": len(prompts)}
+    parent = adapters.read_current(ppo_args.adapters_dir)
+    parent_dir = None if parent == BASE_VERSION else Path(ppo_args.adapters_dir) / parent
+    parent_manifest = adapters.read_manifest(ppo_args.adapters_dir, parent) if parent_dir is not None else {}
+    model, tokenizer = ppo.build_trainable_policy(model_args, parent_dir)
+    cfg = ppo.config_from(ppo_args)
+    device = next(model.parameters()).device
+    state, resumed = ppo.load_state(parent_dir, parent_manifest, model.get_base_model().config.hidden_size, cfg, device)
+    kl_coef_start = state.kl_ctl.value
+    log.info("PPO from %s: %s value head and KL controller (kl_coef %.4f)", parent, "the parent's" if resumed else "a fresh", kl_coef_start)
+    state, history, stop = ppo.train(model, tokenizer, prompts, reward_fn, cfg, ppo_args.ppo_iterations, seed=ppo_args.ppo_seed,
+                                     prompt_max_tokens=ppo_args.prompt_max_tokens, progress=progress, log=log.info, state=state,
+                                     ref_adapter=ppo.REFERENCE_ADAPTER if parent_dir is not None else None)
+    tensors, state_json = ppo.save_state(state)
+    manifest = {
+        "kind": "ppo",
+        "parent": parent,
+        "reward_model": reward_version or "scripted",
+        "feedback_ids": snapshot.id_range() if snapshot is not None else {},
+        "prompts": prompt_counts,
+        "base_model": model_args.model,
+        "quantize": model_args.quantize,
+        "ppo_args": vars(ppo_args),
+        "stop_reason": stop,
+        "metrics": history,
+        ppo.STATE_KEY: {**state_json, "resumed_from_parent": resumed, "kl_coef_start": kl_coef_start},
+        "seconds": time.perf_counter() - started,
+        **(extra or {}),
+    }
+    version = adapters.publish(ppo_args.adapters_dir, model, ppo.POLICY_ADAPTER, manifest, tensors={ppo.STATE_FILE: tensors})
+    return version, manifest
