@@ -51,7 +51,10 @@ def parse_args(argv=None) -> tuple[ModelArgs, ServeArgs]:
 
 
 def trainer_command(model_args: ModelArgs, serve_args: ServeArgs, command: str) -> list[str]:
-    """`python -m trainer <command>` with the server's model, files and --trainer-args."""
+    """`python -m trainer <command>` with the server's model, files, sampling settings and --trainer-args.
+
+    Rollouts and evaluation sample the way this server does: its temperature (unless
+    it serves greedily, which PPO cannot learn from), top-p and reply cap go to the trainer."""
     m, a = model_args, serve_args
     return [
         sys.executable, "-m", "trainer", command,
@@ -59,6 +62,8 @@ def trainer_command(model_args: ModelArgs, serve_args: ServeArgs, command: str) 
         "--lora-r", str(m.lora_r), "--lora-alpha", str(m.lora_alpha), "--lora-target-modules", m.lora_target_modules,
         "--db", a.db, "--adapters-dir", a.adapters_dir, "--reward-dir", a.reward_dir,
         "--lock-file", a.lock_file, "--cycles-log", a.cycles_log,
+        *(("--temperature", str(a.temperature)) if a.temperature > 0 else ()),  # greedy serving: PPO still needs to sample
+        "--top-p", str(a.top_p), "--max-new-tokens", str(a.max_new_tokens), "--eval-max-new-tokens", str(a.max_new_tokens),
         *shlex.split(a.trainer_args),
     ]
 

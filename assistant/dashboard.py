@@ -7,7 +7,9 @@ What it is: a tab of the chat app (`build_dashboard(deps)`, called from
     thumbs-up rate and side-by-side win rate per version     (SQLite, read-only)
     reward-model validation accuracy with its 95% CI         (data/reward/rNNNNNN/manifest.json)
     PPO curves: reward (objective/scores) and objective/kl   (data/adapters/vNNNNNN/manifest.json)
-    the table of adapter versions: status, lineage, evaluation, rejection reasons
+    KL per cycle (to the parent) and in total (to the base)  (each version's held-out evaluation)
+    the table of adapter versions: status, lineage, the gate's evidence (judge win rate,
+    held-out human agreement, KL), rejection reasons; a waiting cycle's reason
     what is serving, the live-comparison candidate, a running cycle and its phase, the last cycle
 
 and has two actions: *Retrain now* (one training cycle in the background, through
@@ -224,11 +226,31 @@ def _num(value, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
+def _interval(value, lo, hi, n) -> str:
+    """'0.62 [0.51, 0.72] n=64', or '' when there is no value."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return ""
+    return f"{value:.2f} [{_num(lo, '.2f')}, {_num(hi, '.2f')}] n={n}"
+
+
+def kl_by_version(manifests: list[dict]) -> pd.DataFrame:
+    """KL of each evaluated version to its parent (that cycle's change) and to the base
+    (all cycles), in nats per reply: `version`, `series`, `kl`."""
+    rows = []
+    for m in manifests:
+        e = m.get("evaluation") or {}
+        for key, series in (("kl_parent", "to the parent (this cycle)"), ("kl_base", "to the base (in total)")):
+            if isinstance(e.get(key), (int, float)):
+                rows.append({"version": m["version"], "series": series, "kl": float(e[key])})
+    return pd.DataFrame(rows, columns=["version", "series", "kl"]).astype({"version": str, "series": str, "kl": float})
+
+
 def versions_table(manifests: list[dict], serving: str, live: str | None) -> pd.DataFrame:
     """The adapter versions, newest first: status, lineage, evaluation and rejection reasons."""
     rows = []
     for m in reversed(manifests):
         v, e = m.get("version", "?"), m.get("evaluation") or {}
+        h = e.get("human_agreement") or {}
         tally = m.get("live") or {}
         rows.append({
             "version": v,
@@ -237,13 +259,17 @@ def versions_table(manifests: list[dict], serving: str, live: str | None) -> pd.
             "parent": m.get("parent") or "",
             "reward model": m.get("reward_model") or "",
             "created": m.get("created_at", ""),
+            "judge win rate": _interval(e.get("win_rate"), e.get("win_rate_lo"), e.get("win_rate_hi"), e.get("replies")),
+            "human agreement": _interval(h.get("share"), h.get("lo"), h.get("hi"), h.get("n")),
+            "KL to parent": _num(e.get("kl_parent"), ".2f"),
+            "KL to base": _num(e.get("kl_base"), ".2f"),
             "margin": _num(e.get("margin"), "+.3f"),
-            "KL": _num(e.get("kl"), ".3f"),
             "degenerate": _num(e.get("degenerate"), "d"),
             "live votes": f"{tally['wins']}/{tally['votes']} won" if tally.get("votes") else "",
             "reasons": "; ".join(m.get("reasons") or []),
         })
-    columns = ["version", "status", "serving", "parent", "reward model", "created", "margin", "KL", "degenerate", "live votes", "reasons"]
+    columns = ["version", "status", "serving", "parent", "reward model", "created", "judge win rate", "human agreement", "KL to parent",
+               "KL to base", "margin", "degenerate", "live votes", "reasons"]
     return pd.DataFrame(rows, columns=columns).astype(str)
 
 
@@ -306,7 +332,7 @@ def require_admin(admin: bool) -> None:
 # ---------------------------------------------------------------- what the dashboard shows
 # The order of the values every data handler returns; build_dashboard lists its components in it.
 VIEW = ("status", "versions", "rollback", "reward_table",
-        "plot_time", "plot_version", "plot_thumbs", "plot_wins", "plot_reward", "plot_ppo_reward", "plot_ppo_kl")
+        "plot_time", "plot_version", "plot_thumbs", "plot_wins", "plot_reward", "plot_ppo_reward", "plot_ppo_kl", "plot_kl")
 
 
 def _plot(df: pd.DataFrame | None, empty_note: str, note: str | None = None):
@@ -356,6 +382,7 @@ def view(deps) -> dict[str, Any]:
         "plot_reward": _plot(reward_accuracy_lines(acc) if acc is not None else None, "No reward model trained yet."),
         "plot_ppo_reward": _plot(ppo_curve(manifests, "objective/scores"), "No PPO run yet."),
         "plot_ppo_kl": _plot(ppo_curve(manifests, "objective/kl"), "No PPO run yet."),
+        "plot_kl": _plot(kl_by_version(manifests), "No candidate evaluated yet."),
     }
 
 
@@ -457,8 +484,10 @@ def build_dashboard(deps) -> None:
         with gr.Row():
             comps["plot_ppo_reward"] = gr.LinePlot(x="iteration", y="value", color="version", title="PPO reward (objective/scores)",
                                                    y_title="mean reward-model score", elem_id="plot-ppo-reward")
-            comps["plot_ppo_kl"] = gr.LinePlot(x="iteration", y="value", color="version", title="PPO KL to the base (objective/kl)",
+            comps["plot_ppo_kl"] = gr.LinePlot(x="iteration", y="value", color="version", title="PPO KL to the parent (objective/kl)",
                                                y_title="nats per reply", elem_id="plot-ppo-kl")
+            comps["plot_kl"] = gr.BarPlot(x="version", y="kl", color="series", title="KL per cycle and in total (held-out evaluation)",
+                                          y_title="nats per reply", elem_id="plot-kl")
         with gr.Row():
             comps["plot_reward"] = gr.ScatterPlot(x="reward model", y="accuracy", color="series", title="Reward-model accuracy",
                                                   y_lim=[0, 1], elem_id="plot-reward-accuracy")

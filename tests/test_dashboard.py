@@ -20,7 +20,7 @@ from assistant.adapters import CurrentWatcher, promote, publish, read_current, r
 from assistant.config import ServeArgs
 from assistant.feedback import FeedbackStore
 from assistant.ui import Deps, build_demo
-from trainer.schedule import CycleLock
+from assistant.cycles import CycleLock
 
 PASSWORD = "correct horse"
 CTX = [{"role": "user", "content": "What is 2+2?"}]
@@ -196,8 +196,10 @@ def lineage(tmp_path, trained_peft):
     v2 = publish(d, trained_peft(seed=2), "default", {"parent": v1, "reward_model": "r000002", "metrics": metrics})
     v3 = publish(d, trained_peft(seed=3), "default", {"parent": v2, "reward_model": "r000003", "metrics": metrics})
     promote(d, v1)
-    promote(d, v2, evaluation={"margin": 0.25, "kl": 1.5, "degenerate": 0})
-    reject(d, v3, ["reward margin -0.100 below the required +0.000"], evaluation={"margin": -0.1, "kl": 0.5, "degenerate": 0})
+    promote(d, v2, evaluation={"margin": 0.25, "kl_parent": 1.5, "kl_base": 2.25, "degenerate": 0, "replies": 64, "win_rate": 0.7,
+                               "win_rate_lo": 0.58, "win_rate_hi": 0.8, "human_agreement": {"share": 0.6, "lo": 0.45, "hi": 0.73, "n": 40}})
+    reject(d, v3, ["judge win rate 0.50 (95% CI 0.38-0.62) over 64 held-out replies: the lower bound is not above 0.50"],
+           evaluation={"margin": -0.1, "kl_parent": 0.5, "kl_base": 2.5, "degenerate": 0})
     return d
 
 
@@ -209,8 +211,14 @@ def test_versions_table_from_published_manifests(lineage):
     assert rows["parent"].to_dict() == {"v000001": "base", "v000002": "v000001", "v000003": "v000002"}
     assert rows["reward model"]["v000002"] == "r000002"
     assert rows["serving"].to_dict() == {"v000001": "", "v000002": "serving", "v000003": ""}
-    assert rows.loc["v000002", ["margin", "KL"]].tolist() == ["+0.250", "1.500"]
-    assert rows.loc["v000003", "reasons"] == "reward margin -0.100 below the required +0.000"
+    assert rows.loc["v000002", ["judge win rate", "human agreement", "KL to parent", "KL to base", "margin"]].tolist() == [
+        "0.70 [0.58, 0.80] n=64", "0.60 [0.45, 0.73] n=40", "1.50", "2.25", "+0.250"]
+    assert rows.loc["v000003", "reasons"].startswith("judge win rate 0.50")
+    kl = dashboard.kl_by_version(adapters.manifests(lineage))
+    assert kl.to_dict("records") == [{"version": "v000002", "series": "to the parent (this cycle)", "kl": 1.5},
+                                     {"version": "v000002", "series": "to the base (in total)", "kl": 2.25},
+                                     {"version": "v000003", "series": "to the parent (this cycle)", "kl": 0.5},
+                                     {"version": "v000003", "series": "to the base (in total)", "kl": 2.5}]
     assert rows.loc["v000001", "created"].endswith("Z")
 
 

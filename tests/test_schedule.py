@@ -39,7 +39,7 @@ from assistant.chat import Engine, GenParams
 from assistant.config import BASE_VERSION, ServeArgs
 from assistant.feedback import FeedbackStore
 from assistant.model import build_policy
-from trainer import gate, schedule
+from trainer import schedule
 from trainer.config import DataArgs, PPOArgs, RewardArgs, ScheduleArgs
 from trainer.data import default_prompts, import_preferences
 

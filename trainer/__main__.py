@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from assistant.config import ModelArgs, add_args, from_args

@@ -304,7 +304,8 @@ def check_enough(train: Examples, min_pairs: int) -> None:
         )
 
 
-def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Examples, progress: bool = True) -> tuple[RewardModel, dict]:
+def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Examples, progress: bool = True,
+        on_step=None) -> tuple[RewardModel, dict]:
     """Fit a fresh reward model on `train`, normalise it, evaluate it on `val`.
 
     AdamW on the LoRA and head parameters only (the base stays frozen), seeded
@@ -314,6 +315,7 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     `reward_micro_batch_size` examples of at most `reward_max_length` tokens (gradients
     accumulate to the step), and with `reward_gradient_checkpointing` only one layer's
     activations are live during the backward pass.
+    `on_step(step, loss)`, if given, is called after every optimiser step.
     Returns (model in eval mode, metrics):
 
     train_pairs, train_pointwise, val_pairs, val_pointwise   examples of each sort
@@ -365,6 +367,8 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
             torch.nn.utils.clip_grad_norm_(params, reward_args.reward_max_grad_norm)
             optimizer.step()
             epoch_loss += step_loss
+            if on_step is not None:
+                on_step(bar.n + 1, step_loss)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.3f}", acc=f"{epoch_correct / max(epoch_pairs, 1):.2f}")
     bar.close()

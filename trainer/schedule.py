@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from assistant import adapters, cycles
-from assistant.config import BASE_VERSION, ModelArgs
+from assistant.config import ModelArgs
 from assistant.cycles import Busy, CycleLock
 from trainer import gate
 from trainer.config import DataArgs, PPOArgs, RewardArgs, ScheduleArgs

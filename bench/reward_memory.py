@@ -1,0 +1,132 @@
+"""Memory of the reward-model fit on real data: peak resident memory step by step.
+
+    .venv/bin/python bench/reward_memory.py                       # the defaults, on the 160 longest HH pairs
+    .venv/bin/python bench/reward_memory.py --pairs 1149          # every pair (about 2 x 144 steps)
+    .venv/bin/python bench/reward_memory.py --no-reward-gradient-checkpointing --reward-micro-batch-size 8   # the old settings
+
+The pairs are those `python -m trainer reward` fits on: ../shared/data/hh-harmless-dev.jsonl
+imported into a fresh store (`import_preferences`), read back (`read_snapshot`,
+`build_examples`), then the --pairs longest by tokens (longest first is the worst case
+for memory: every micro-batch is as long as --reward-max-length allows). The fit is
+`trainer.reward.fit` with the RewardArgs defaults unless flags override them (every
+RewardArgs field is a flag). A thread samples the process's resident memory
+(/proc/self/status VmRSS) every 50 ms; the table gives its peak within each optimiser
+step, and the JSON (bench/results/reward-memory.json) every step. "Growth" compares the
+peak of the last quarter of the steps with that of the second quarter: bounded memory
+means about 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from assistant.config import ModelArgs, add_args, from_args  # noqa: E402
+from trainer.config import RewardArgs  # noqa: E402
+
+HH = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Sampler(threading.Thread):
+    """Peak RSS since the last `take()`, sampled every `every` seconds."""
+
+    def __init__(self, every: float = 0.05):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.stop = every, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(self.every)
+
+    def take(self) -> float:
+        peak, self.peak = max(self.peak, rss_mb()), rss_mb()
+        return peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=160, help="fit on this many of the longest pairs")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "reward-memory.json"))
+    add_args(ap, ModelArgs, "base model")
+    add_args(ap, RewardArgs, "reward model (defaults: what `python -m trainer reward` uses)")
+    ns = ap.parse_args()
+    model_args, reward_args = from_args(ModelArgs, ns), from_args(RewardArgs, ns)
+    if not HH.exists():
+        sys.exit(f"error: {HH} not found")
+
+    from assistant.feedback import FeedbackStore
+    from trainer import reward
+    from trainer.data import Examples, build_examples, import_preferences, read_snapshot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "feedback.db"
+        with FeedbackStore(db) as store:
+            import_preferences(store, HH, progress=False)
+        examples = build_examples(read_snapshot(db))
+    from transformers import AutoTokenizer
+
+    from assistant.model import resolve_model_path
+    from trainer.data import prompt_messages
+
+    tokenizer_only = reward.RewardModel(None, None, AutoTokenizer.from_pretrained(resolve_model_path(model_args)), "", "", 10**9)
+    lengths = {id(p): max(len(tokenizer_only.encode(prompt_messages(p.prompt), text)) for text in (p.chosen, p.rejected))
+               for p in examples.pairs}
+    pairs = sorted(examples.pairs, key=lambda p: -lengths[id(p)])[: ns.pairs]
+    train = Examples(pairs=pairs)
+    print(f"{len(pairs)} pairs of {len(examples.pairs)}, tokens per sequence (cut at {reward_args.reward_max_length}): "
+          f"{min(lengths[id(p)] for p in pairs)}..{max(lengths[id(p)] for p in pairs)}; settings {vars(reward_args)}", flush=True)
+
+    sampler = Sampler()
+    start_rss = rss_mb()
+    sampler.start()
+    steps: list[dict] = []
+    t0 = time.perf_counter()
+
+    def on_step(step: int, loss: float) -> None:
+        steps.append({"step": step, "peak_rss_mb": sampler.take(), "seconds": time.perf_counter() - t0, "loss": loss})
+
+    reward_args.min_pairs = min(reward_args.min_pairs, len(pairs))
+    _, metrics = reward.fit(model_args, reward_args, train, Examples(), progress=True, on_step=on_step)
+    sampler.stop.set()
+    n = len(steps)
+    q2 = max(s["peak_rss_mb"] for s in steps[n // 4 : n // 2] or steps)
+    q4 = max(s["peak_rss_mb"] for s in steps[3 * n // 4 :] or steps)
+    result = {
+        "command": "python bench/reward_memory.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "pairs": len(pairs), "reward_args": vars(reward_args), "rss_before_fit_mb": start_rss,
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in steps), "growth_mb": q4 - q2, "steps": steps,
+        "seconds_per_step": steps[-1]["seconds"] / n, "pairs_per_s": metrics["pairs_per_s"],
+    }
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(result, indent=2))
+    print("\n| measure | value |\n| --- | --- |")
+    print(f"| pairs, steps | {len(pairs)}, {n} |")
+    print(f"| resident memory before the fit | {start_rss:,.0f} MB |")
+    print(f"| peak resident memory during the fit | {result['peak_rss_mb']:,.0f} MB |")
+    print(f"| growth: peak of the last quarter of steps minus the second quarter | {result['growth_mb']:+,.0f} MB |")
+    print(f"| seconds per step (of {reward_args.reward_batch_size} pairs) | {result['seconds_per_step']:.1f} |")
+    print(f"\nwrote {ns.out}")
+
+
+if __name__ == "__main__":
+    main()
