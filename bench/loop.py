@@ -782,7 +782,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quantize", default="auto", choices=("auto", "nf4", "int8", "none"), help="base-weight quantisation, app and trainer")
     ap.add_argument("--device", default="auto", help="torch device, app and trainer")
     ap.add_argument("--users", type=int, default=4, help="simulated users (gradio_client sessions) at once")
-    ap.add_argument("--feedback-prompts", type=int, default=24, help="seed tasks the users give feedback on in each cycle (a fresh slice per cycle)")
+    ap.add_argument("--feedback-prompts", type=int, default=30, help="seed tasks the users give feedback on in each cycle (a fresh slice per cycle)")
     ap.add_argument("--chat-share", type=float, default=0.25, help="share of feedback prompts sent as a plain chat + thumb instead of a comparison")
     ap.add_argument("--correct-share", type=float, default=0.25, help="share of feedback items whose kept reply the user then corrects (when the rewrite differs)")
     ap.add_argument("--heldout-prompts", type=int, default=64, help="seed tasks held out for the measurement (never given feedback)")

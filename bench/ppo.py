@@ -11,7 +11,8 @@ message (the instruction, then the task's input when it has one).
 
 The hidden rule both scenarios reward is "concise replies that end": a reply that emitted
 EOS scores 1 − tokens / max_new_tokens (an empty reply scores 0); a reply cut off at the
-length cap gets PPOConfig's missing-EOS penalty (−1) instead.
+length cap has a missing-EOS penalty of 1 subtracted from its score (which is 0 at the
+cap, so it gets −1; with the reward model, its score − 1).
 
 Scenario 1, scripted reward: `train()` against that rule as a Python function
 (`concise_score`; train() itself applies the missing-EOS penalty).
@@ -124,7 +125,7 @@ def synthetic_pairs(tasks: list[dict], min_long_words: int = 40) -> list[Pair]:
 
 def ppo_config(args) -> ppo.PPOConfig:
     return ppo.PPOConfig(batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-                         lr=args.lr, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                         lr=args.lr, max_new_tokens=args.max_new_tokens, temperature=args.temperature, missing_eos_penalty=1.0)
 
 
 def run_ours(model_args: ModelArgs, prompts: list[list[dict]], reward_fn, cfg: ppo.PPOConfig, args, label: str) -> dict:
@@ -228,7 +229,7 @@ def run_trl(model_args: ModelArgs, prompts: list[list[dict]], cfg: ppo.PPOConfig
 
     def concise_reply(prompts, completions, completion_ids, **kwargs):
         """The same hidden rule as ours, the missing-EOS penalty applied here."""
-        return [score(c[0]["content"]) if ids and ids[-1] in eos_ids else penalty for c, ids in zip(completions, completion_ids)]
+        return [score(c[0]["content"]) - (0.0 if ids and ids[-1] in eos_ids else penalty) for c, ids in zip(completions, completion_ids)]
 
     class TimedRLOO(RLOOTrainer):
         """Records the wall time of generation and of generate+score+log-probs per generation batch."""

@@ -35,11 +35,12 @@ class RewardArgs:
     reward_dir: str = _f("data/reward", "where reward-model versions (rNNNNNN/) are written")
     reward_lora_r: int = _f(16, "LoRA rank of the reward model's adapter")
     reward_lora_alpha: int = _f(32, "LoRA alpha of the reward model's adapter")
+    reward_lora_layers: int = _f(8, "LoRA on the top N transformer layers only (0 = every layer); the backward pass stops below them")
     reward_lr: float = _f(3e-4, "AdamW learning rate (LoRA and scalar head)")
     reward_epochs: int = _f(2, "passes over the training examples")
     reward_batch_size: int = _f(8, "pairs (or pointwise labels) per optimiser step")
     reward_micro_batch_size: int = _f(2, "pairs (or pointwise labels) per forward/backward pass; gradients accumulate to --reward-batch-size")
-    reward_gradient_checkpointing: bool = _f(True, "recompute each layer's activations in the backward pass (bounded memory for long texts)")
+    reward_gradient_checkpointing: bool = _f(False, "recompute the LoRA layers' activations in the backward pass (less memory, more time; dropout on)")
     reward_max_length: int = _f(512, "tokens per (prompt + reply), truncated from the left of the prompt")
     pointwise_weight: float = _f(0.5, "weight of the pointwise (thumbs) loss next to the pairwise Bradley-Terry loss")
     min_pairs: int = _f(16, "fewest training pairs + pointwise labels a fit accepts; fewer is refused")
@@ -53,6 +54,8 @@ class RewardArgs:
                      "min_pairs", "reward_eval_batch_size", "normalizer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.reward_lora_layers < 0:
+            raise ValueError(f"--reward-lora-layers must be >= 0, got {self.reward_lora_layers}")
         if self.reward_lr <= 0:
             raise ValueError(f"--reward-lr must be positive, got {self.reward_lr}")
         if self.pointwise_weight < 0:

@@ -187,9 +187,14 @@ class RewardModel:
         return scores if raw else (scores - self.mean) / self.std
 
 
-def _reward_lora(model_args: ModelArgs, reward_args: RewardArgs):
-    """The policy's LoRA recipe (target modules, dropout) at the reward model's rank and alpha."""
-    return lora_config(dataclasses.replace(model_args, lora_r=reward_args.reward_lora_r, lora_alpha=reward_args.reward_lora_alpha))
+def _reward_lora(model_args: ModelArgs, reward_args: RewardArgs, num_layers: int):
+    """The policy's LoRA recipe (target modules, dropout) at the reward model's rank and
+    alpha, on the top `reward_lora_layers` transformer layers (all when 0 or more than
+    there are): below them nothing is trained, so the backward pass stops there."""
+    top = reward_args.reward_lora_layers
+    layers = list(range(num_layers - top, num_layers)) if 0 < top < num_layers else None
+    return dataclasses.replace(lora_config(dataclasses.replace(model_args, lora_r=reward_args.reward_lora_r, lora_alpha=reward_args.reward_lora_alpha)),
+                               layers_to_transform=layers, layers_pattern="layers" if layers else None)
 
 
 def build(model_args: ModelArgs, reward_args: RewardArgs) -> RewardModel:
@@ -204,7 +209,8 @@ def build(model_args: ModelArgs, reward_args: RewardArgs) -> RewardModel:
     if quantize in ("nf4", "int8"):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     torch.manual_seed(reward_args.seed)
-    model = get_peft_model(base, _reward_lora(model_args, reward_args), adapter_name=ADAPTER)
+    num_layers = base.config.get_text_config().num_hidden_layers
+    model = get_peft_model(base, _reward_lora(model_args, reward_args, num_layers), adapter_name=ADAPTER)
     head = scalar_head(model)
     model.eval()
     return RewardModel(model, head, tokenizer, model_args.model, quantize, reward_args.reward_max_length)
@@ -310,11 +316,13 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
 
     AdamW on the LoRA and head parameters only (the base stays frozen), seeded
     shuffling, one optimiser step per `reward_batch_size` examples (a pair or a
-    pointwise label each), loss = pairwise + pointwise_weight × pointwise. Memory is
-    bounded whatever the data: each forward/backward pass holds at most
+    pointwise label each), loss = pairwise + pointwise_weight × pointwise, dropout off.
+    Memory is bounded whatever the data: each forward/backward pass holds at most
     `reward_micro_batch_size` examples of at most `reward_max_length` tokens (gradients
-    accumulate to the step), and with `reward_gradient_checkpointing` only one layer's
-    activations are live during the backward pass.
+    accumulate to the step), and only the top `reward_lora_layers` layers, the ones
+    with LoRA weights, keep activations for the backward pass (the frozen layers below
+    need no gradient). `reward_gradient_checkpointing` recomputes even those, with
+    dropout on.
     `on_step(step, loss)`, if given, is called after every optimiser step.
     Returns (model in eval mode, metrics):
 
@@ -343,9 +351,11 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     steps_per_epoch = math.ceil(len(items) / bs)
     rng = random.Random(reward_args.seed)
 
-    if reward_args.reward_gradient_checkpointing:
+    if reward_args.reward_gradient_checkpointing:  # transformers checkpoints only in train mode (dropout on)
         rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    rm.model.train()
+        rm.model.train()
+    else:
+        rm.model.eval()  # dropout off, as in PPO and TRL's disable_dropout; about 2x faster forward passes on CPU
     loop_started = time.perf_counter()
     bar = tqdm(total=steps_per_epoch * reward_args.reward_epochs, desc="reward model", unit="step", disable=not progress)
     for epoch in range(reward_args.reward_epochs):
