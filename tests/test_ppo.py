@@ -415,8 +415,8 @@ def test_the_kl_controller_moves_within_one_cycle_at_the_default_settings():
     for _ in range(args.ppo_iterations):  # one cycle's iterations, each with one batch of rollouts
         high.update(2 * cfg.target_kl, cfg.batch_size)
         low.update(0.5 * cfg.target_kl, cfg.batch_size)
-    assert high.value > 1.5 * cfg.init_kl_coef
-    assert low.value < 0.6 * cfg.init_kl_coef
+    assert high.value > 1.3 * cfg.init_kl_coef  # 1.05 ** 6
+    assert low.value < 0.75 * cfg.init_kl_coef  # 0.95 ** 6
 
 
 def test_a_run_from_a_parent_uses_the_parent_as_its_reference(tiny_args, make_adapter, tmp_path):

@@ -68,7 +68,7 @@ class RewardArgs:
 class PPOArgs:
     adapters_dir: str = _f("data/adapters", "where candidate adapters (vNNNNNN/) are published")
     reward: str = _f("", "reward-model version to optimise against (default: the latest under --reward-dir)")
-    ppo_iterations: int = _f(12, "PPO iterations (rollout → score → update) per run")
+    ppo_iterations: int = _f(6, "PPO iterations (rollout → score → update) per run")
     ppo_batch_size: int = _f(8, "prompts rolled out per iteration")
     mini_batch_size: int = _f(4, "rollouts per gradient step")
     ppo_epochs: int = _f(2, "passes over each iteration's rollouts")

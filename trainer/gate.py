@@ -215,7 +215,7 @@ def human_agreement(model, tok, pairs, current: str, max_pairs: int = 128, batch
 
 
 def evaluate(model_args: ModelArgs, adapters_dir, candidate: str, current: str, prompts: list[list[dict]], judge_fn,
-             sched: ScheduleArgs, ppo_args: PPOArgs, val_pairs=(), chunk: int = 16) -> dict:
+             sched: ScheduleArgs, ppo_args: PPOArgs, val_pairs=(), chunk: int = 32) -> dict:
     """Candidate vs current on held-out prompts (module docstring, steps 2-3).
 
     `prompts` repeat, with fresh samples, until there are --eval-replies replies a side;
