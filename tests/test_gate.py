@@ -83,7 +83,7 @@ def trained_towards(model_args, adir, texts_of) -> str:
     """Publish an adapter trained by a few likelihood steps towards `texts_of(pair)` of every pair."""
     torch.manual_seed(0)
     model, tok = ppo.build_trainable_policy(model_args)
-    eos_ids, pad_id = gate._eos_and_pad(model, tok)
+    eos_ids, pad_id = ppo.special_ids(model, tok)
     queries, responses = [], []
     for p in pairs():
         q, r = build_prompt(tok, [{"role": p.prompt[0][0], "content": p.prompt[0][1]}]), tok(texts_of(p), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

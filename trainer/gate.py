@@ -136,14 +136,6 @@ def gate(evaluation: dict, finite_error: str | None, sched: ScheduleArgs) -> lis
     return reasons
 
 
-def _eos_and_pad(model, tokenizer) -> tuple[set[int], int]:
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(tokenizer.eos_token_id)
-    return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-
-
 def load_pair(model_args: ModelArgs, adapters_dir, candidate: str, current: str):
     """(tokenizer, peft model) with adapters 'candidate' and, unless current is the base, 'current'."""
     from peft import PeftModel
@@ -181,7 +173,7 @@ def human_agreement(model, tok, pairs, current: str, max_pairs: int = 128, batch
     pairs = list(pairs)[:max_pairs]
     if not pairs:
         return agreement_share([])
-    eos_ids, pad_id = _eos_and_pad(model, tok)
+    eos_ids, pad_id = ppo.special_ids(model, tok)
     end = tok.eos_token_id if tok.eos_token_id is not None else min(eos_ids)  # the end of a chat turn
     device = next(model.parameters()).device
 
@@ -233,7 +225,7 @@ def evaluate(model_args: ModelArgs, adapters_dir, candidate: str, current: str, 
         raise ValueError("no held-out prompts to evaluate on")
     order = [i % len(prompts) for i in range(max(sched.eval_replies, len(prompts)))]
     cfg = ppo.PPOConfig(max_new_tokens=sched.eval_max_new_tokens, temperature=ppo_args.temperature, top_p=ppo_args.top_p)
-    eos_ids, pad_id = _eos_and_pad(model, tok)
+    eos_ids, pad_id = ppo.special_ids(model, tok)
     cur_name = "current" if current != BASE_VERSION else BASE_VERSION
     device = next(model.parameters()).device
     cand_texts, cur_texts, cand_scores, cur_scores = [], [], [], []

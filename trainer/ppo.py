@@ -528,6 +528,15 @@ def build_trainable_policy(model_args, parent_dir=None):
     return model, tokenizer
 
 
+def special_ids(model, tokenizer) -> tuple[set[int], int]:
+    """(token ids that end a reply, pad id) of a model and its tokenizer."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+
+
 def encode_prompts(tokenizer, prompts: list[list[dict]], max_tokens: int) -> tuple[list[list[dict]], list[torch.Tensor]]:
     """Chat-template the prompts; drop those longer than `max_tokens`."""
     from assistant.chat import build_prompt
@@ -563,12 +572,7 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig
     value_head, kl_ctl = state.value_head, state.kl_ctl
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    tok = tokenizer
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tok.eos_token_id is not None:
-        eos_ids.add(tok.eos_token_id)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
+    eos_ids, pad_id = special_ids(model, tokenizer)
     rng = torch.Generator().manual_seed(seed)
     history, stop = [], "completed"
     bar = tqdm(range(iterations), desc="ppo", unit="iter", disable=not progress)
