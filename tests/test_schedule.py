@@ -25,7 +25,6 @@ import signal
 import string
 import subprocess
 import sys
-import threading
 import time
 import types
 from pathlib import Path
@@ -473,3 +472,27 @@ def test_run_schedule_starts_a_cycle_when_due_and_stops(loop, monkeypatch):
     sched = dataclasses.replace(sched, every_min=1, min_new_rows=5)
     schedule.run_schedule(*args, sched, stop=lambda: next(ticks, None) is None, sleep=lambda s: None)
     assert len(calls) == 1  # the second tick sees no new rows
+
+
+
+@pytest.mark.parametrize("step", ["dpo", "kto"])
+def test_plumbing_a_cycle_with_another_policy_step_trains_on_fold_a_and_the_server_swaps_it_in(loop, step):
+    """Plumbing (gate opened, PLUMBING): --policy-step dpo/kto in a cycle: same snapshot,
+    folds, gate and hot-swap; the step is recorded in the manifest and the cycles log."""
+    from trainer.config import PolicyArgs
+    from trainer.steps import folds
+
+    n = give_feedback(loop, rounds=1)
+    result = schedule.run_cycle(*loop.settings(**PLUMBING), progress=False, policy_args=PolicyArgs(policy_step=step))
+    assert result.decision == "promoted" and result.policy_step == step, result.summary()
+    manifest = adapters.read_manifest(loop.adapters_dir, result.version)
+    assert manifest["policy_step"] == step and manifest["kind"] == step and manifest["judge_model"] == result.judge_version
+    assert manifest["feedback_ids"]["comparisons"] == [1, n] and manifest["reward_model"] is None  # DPO/KTO need no reward model
+    from trainer.data import build_examples, read_snapshot
+    fold_a, fold_b = folds(build_examples(read_snapshot(loop.root / "feedback.db")))
+    expected = len(fold_a.pairs) if step == "dpo" else None
+    if expected is not None:
+        assert manifest["rows"] == {"dpo": expected} and 0 < expected < 2 * n  # fold A only: fold B judges
+    assert result.evaluation["human_agreement"]["n"] == len(fold_b.pairs)
+    loop.wait_serving(result.version)
+    assert cycles.read(loop.root / "cycles.jsonl")[-1]["policy_step"] == step

@@ -4,6 +4,8 @@
     python -m trainer reward                     # refit the reward model on the feedback store
     python -m trainer reward-eval FILE.jsonl [--reward r000001]   # accuracy on any preference file
     python -m trainer ppo                        # PPO on the served adapter -> a candidate adapter (not promoted)
+    python -m trainer train --policy-step dpo    # one policy step (ppo, dpo, kto, sft, grpo, rloo) -> a candidate
+    python -m trainer sft [--demonstrations F]   # SFT on corrections, 👍 replies and a demonstrations file -> a candidate
     python -m trainer once                       # one whole cycle: reward model, PPO, evaluate, promote or reject
     python -m trainer run                        # cycles on a schedule (every N minutes with K new rows, and/or daily)
     python -m trainer rollback [VERSION]         # serve an earlier version again (default: the served one's parent)
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from assistant.config import ModelArgs, add_args, from_args
 from assistant.cycles import Busy
-from trainer.config import DataArgs, PPOArgs, RewardArgs, ScheduleArgs
+from trainer.config import DataArgs, PolicyArgs, PPOArgs, RewardArgs, ScheduleArgs
 
 log = logging.getLogger("trainer")
 
@@ -69,24 +71,39 @@ def _manual_lock(ns: argparse.Namespace):
     return CycleLock(ns.lock_file)
 
 
-def cmd_reward(ns: argparse.Namespace) -> int:
+def _locked_step(ns: argparse.Namespace, run):
+    """run() under the cycle lock -> (its result, None), or (None, exit code) with the
+    reason printed: 3 another cycle holds the lock, 2 bad input or settings (a loss
+    that diverges names the flag to change), 1 PPO aborted on a non-finite value."""
     from assistant.feedback import StoreUnavailable
 
-    from trainer.steps import fit_reward
+    from trainer.ppo import NonFiniteError
 
-    model_args, data_args, reward_args = ns.model_args, ns.data_args, ns.reward_args
     try:
         with _manual_lock(ns):
-            version, manifest, _ = fit_reward(model_args, data_args, reward_args)
-    except StoreUnavailable as exc:
-        print(f"error: --db: {exc}", file=sys.stderr)
-        return 2
+            return run(), None
     except Busy as exc:
         print(f"not started: {exc}", file=sys.stderr)
-        return 3
-    except (ValueError, FloatingPointError) as exc:
+        return None, 3
+    except StoreUnavailable as exc:
+        print(f"error: --db: {exc}", file=sys.stderr)
+        return None, 2
+    except NonFiniteError as exc:
+        print(f"error: PPO aborted, no candidate written: {exc}", file=sys.stderr)
+        return None, 1
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return None, 2
+
+
+def cmd_reward(ns: argparse.Namespace) -> int:
+    from trainer.steps import fit_reward
+
+    reward_args = ns.reward_args
+    out, rc = _locked_step(ns, lambda: fit_reward(ns.model_args, ns.data_args, reward_args))
+    if out is None:
+        return rc
+    version, manifest, _ = out
     m = manifest["metrics"]
     print(f"reward model {version} saved under {reward_args.reward_dir}")
     print(f"  feedback ids used: {json.dumps(manifest['feedback_ids'])}")
@@ -129,21 +146,12 @@ def cmd_reward_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_ppo(ns: argparse.Namespace) -> int:
-    from trainer.ppo import NonFiniteError
     from trainer.steps import run_ppo
 
-    try:
-        with _manual_lock(ns):
-            version, manifest = run_ppo(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args)
-    except Busy as exc:
-        print(f"not started: {exc}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteError as exc:
-        print(f"error: PPO aborted, no candidate written: {exc}", file=sys.stderr)
-        return 1
+    out, rc = _locked_step(ns, lambda: run_ppo(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args))
+    if out is None:
+        return rc
+    version, manifest = out
     last = manifest["metrics"][-1]
     print(f"candidate adapter {version} written to {ns.ppo_args.adapters_dir} (parent {manifest['parent']}, reward model {manifest['reward_model']}); "
           f"not promoted. {len(manifest['metrics'])} iterations, stop: {manifest['stop_reason']}; "
@@ -151,11 +159,29 @@ def cmd_ppo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(ns: argparse.Namespace) -> int:
+    import dataclasses
+
+    from trainer.steps import run_policy
+
+    policy_args = ns.policy_args
+    if ns.command == "sft":
+        policy_args = dataclasses.replace(policy_args, policy_step="sft", sft_first=False)
+    out, rc = _locked_step(ns, lambda: run_policy(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, policy_args))
+    if out is None:
+        return rc
+    version, manifest = out
+    rows = manifest.get("rows") or {"ppo": manifest.get("prompts")}
+    print(f"candidate adapter {version} written to {ns.ppo_args.adapters_dir} by {manifest['policy_step']} "
+          f"(parent {manifest['parent']}; rows {json.dumps(rows)}); not promoted.")
+    return 0
+
+
 def cmd_once(ns: argparse.Namespace) -> int:
     from trainer import schedule
 
     try:
-        result = schedule.run_cycle(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, ns.schedule_args)
+        result = schedule.run_cycle(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, ns.schedule_args, policy_args=ns.policy_args)
     except Busy as exc:
         print(f"not started: {exc}", file=sys.stderr)
         return 3
@@ -171,7 +197,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         print("error: nothing scheduled; give --every-min > 0 and/or --at HH:MM", file=sys.stderr)
         return 2
     try:
-        schedule.run_schedule(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, s)
+        schedule.run_schedule(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, s, policy_args=ns.policy_args)
     except KeyboardInterrupt:
         print("schedule stopped")
     return 0
@@ -234,13 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_args(p, RewardArgs, "reward model")
     p.set_defaults(func=cmd_reward_eval, needs=(ModelArgs, RewardArgs), subparser=p)
 
-    p = sub.add_parser("ppo", help="PPO on the served adapter against the latest reward model; writes a candidate adapter")
-    add_args(p, ModelArgs, "base model")
-    add_args(p, DataArgs, "data")
-    add_args(p, RewardArgs, "reward model")
-    add_args(p, PPOArgs, "ppo")
-    p.add_argument("--lock-file", default=ScheduleArgs.lock_file, help=f"the cycle lock, held while training (default: {ScheduleArgs.lock_file})")
-    p.set_defaults(func=cmd_ppo, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs), subparser=p)
+    for name, func, text, classes in (
+            ("ppo", cmd_ppo, "PPO on the served adapter against the latest reward model; writes a candidate adapter", (PPOArgs,)),
+            ("train", cmd_train, "one policy step (--policy-step) on the served adapter; writes a candidate adapter", (PPOArgs, PolicyArgs)),
+            ("sft", cmd_train, "SFT on demonstrations (corrections, 👍 replies, --demonstrations); writes a candidate adapter", (PPOArgs, PolicyArgs))):
+        p = sub.add_parser(name, help=text)
+        add_args(p, ModelArgs, "base model")
+        add_args(p, DataArgs, "data")
+        add_args(p, RewardArgs, "reward model")
+        for cls in classes:
+            add_args(p, cls, {PPOArgs: "ppo", PolicyArgs: "policy step"}[cls])
+        p.add_argument("--lock-file", default=ScheduleArgs.lock_file, help=f"the cycle lock, held while training (default: {ScheduleArgs.lock_file})")
+        p.set_defaults(func=func, needs=(ModelArgs, DataArgs, RewardArgs, *classes), subparser=p)
 
     for name, func, text in (("once", cmd_once, "run one cycle now: refit reward model, PPO, evaluate, promote or reject"),
                              ("run", cmd_run, "run cycles on the schedule until stopped")):
@@ -249,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(p, DataArgs, "data")
         add_args(p, RewardArgs, "reward model")
         add_args(p, PPOArgs, "ppo")
+        add_args(p, PolicyArgs, "policy step")
         add_args(p, ScheduleArgs, "schedule and promotion gate")
-        p.set_defaults(func=func, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs, ScheduleArgs), subparser=p)
+        p.set_defaults(func=func, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs, PolicyArgs, ScheduleArgs), subparser=p)
 
     p = sub.add_parser("rollback", help="point CURRENT at an earlier version (default: the served version's parent)")
     p.add_argument("version", nargs="?", default=None, help="version to serve again, e.g. v000003, or 'base'")
@@ -270,7 +302,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     ns = parser.parse_args(argv)
-    names = {ModelArgs: "model_args", DataArgs: "data_args", RewardArgs: "reward_args", PPOArgs: "ppo_args", ScheduleArgs: "schedule_args"}
+    names = {ModelArgs: "model_args", DataArgs: "data_args", RewardArgs: "reward_args", PPOArgs: "ppo_args", PolicyArgs: "policy_args", ScheduleArgs: "schedule_args"}
     try:
         for cls in getattr(ns, "needs", ()):
             setattr(ns, names[cls], from_args(cls, ns))

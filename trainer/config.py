@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from assistant.config import ServeArgs
 
+POLICY_STEPS = ("ppo", "dpo", "kto", "sft", "grpo", "rloo")
+DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down")
 SERVED = ServeArgs()  # rollouts and evaluation sample the way the app serves replies
 
 
@@ -108,6 +110,44 @@ class PPOArgs:
             raise ValueError(f"--missing-eos-penalty is subtracted from the score, so it must be >= 0, got {self.missing_eos_penalty}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError("--gamma and --lam must be in [0, 1]")
+
+
+@dataclass
+class PolicyArgs:
+    policy_step: str = _f("ppo", "how a cycle improves the adapter: ppo, dpo, kto, sft, grpo or rloo (see the README's \"which policy step when\")")
+    sft_first: bool = _f(False, "run SFT on the demonstrations (corrections, 👍 replies, --demonstrations) before the policy step")
+    demonstrations: str = _f("", "JSONL file of demonstrations in TRL's messages format, added to SFT's data")
+    reward_functions: str = _f("", "Python file of reward_* functions added to the reward model's score (PPO, GRPO, RLOO); see trainer/reward_functions.py")
+    policy_lr: float = _f(2e-4, "AdamW learning rate of DPO, KTO, GRPO and RLOO on the LoRA adapter")
+    sft_lr: float = _f(2e-4, "AdamW learning rate of SFT on the LoRA adapter")
+    policy_epochs: int = _f(2, "DPO/KTO: passes over the feedback")
+    sft_epochs: int = _f(2, "SFT: passes over the demonstrations")
+    policy_iterations: int = _f(6, "GRPO/RLOO: optimiser steps (each samples --num-generations replies to --policy-batch-size prompts)")
+    policy_batch_size: int = _f(4, "DPO/KTO/SFT: rows per optimiser step; GRPO/RLOO: prompts per step")
+    policy_grad_accum: int = _f(1, "DPO/KTO/SFT: gradient accumulation steps")
+    beta: float = _f(0.1, "DPO/KTO β (strength of the pull to the parent); GRPO/RLOO KL coefficient")
+    dpo_loss: str = _f("sigmoid", "DPO loss: sigmoid (DPO), ipo, robust (label-smoothed DPO for noisy labels), hinge, ...")
+    label_smoothing: float = _f(0.1, "robust DPO: assumed share of flipped preference labels")
+    num_generations: int = _f(4, "GRPO/RLOO: replies sampled per prompt (the group a reply is compared with)")
+    policy_max_length: int = _f(512, "DPO/KTO/SFT: most tokens per (prompt + reply); longer rows are cut at the end")
+    policy_gradient_checkpointing: bool = _f(False, "DPO/KTO/SFT/GRPO/RLOO: recompute activations in the backward pass (less memory, more time)")
+    min_policy_rows: int = _f(4, "fewest training rows a DPO/KTO/SFT step accepts")
+    policy_seed: int = _f(0, "random seed of DPO/KTO/SFT/GRPO/RLOO")
+
+    def validate(self) -> None:
+        if self.policy_step not in POLICY_STEPS:
+            raise ValueError(f"--policy-step must be one of {', '.join(POLICY_STEPS)}, got {self.policy_step!r}")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise ValueError(f"--dpo-loss must be one of {', '.join(DPO_LOSSES)}, got {self.dpo_loss!r}")
+        for name in ("policy_epochs", "sft_epochs", "policy_iterations", "policy_batch_size", "policy_grad_accum", "policy_max_length", "min_policy_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ValueError(f"--num-generations must be at least 2 (a group baseline needs two replies), got {self.num_generations}")
+        if self.policy_lr <= 0 or self.sft_lr <= 0 or self.beta <= 0:
+            raise ValueError("--policy-lr, --sft-lr and --beta must be positive")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 @dataclass

@@ -561,8 +561,6 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig
     the update, so the caller keeps the last good adapter."""
     from tqdm import tqdm
 
-    from assistant.chat import build_prompt  # noqa: F401  (same template as serving)
-
     torch.manual_seed(seed)
     prompts, queries = encode_prompts(tokenizer, prompts, prompt_max_tokens)
     if not prompts:

@@ -7,10 +7,11 @@ One cycle (`run_cycle`), under a lock that lets only one run at a time across pr
        and check there is enough signal to train on          -> else "waiting"
     2. fit two reward models on disjoint folds (steps.fit_reward_pair): the policy's
        reward and the judge; check their cross-fitted accuracy  -> else "waiting"
-    3. PPO from the served adapter against the policy's reward, on training prompts only
+    3. the policy step (--policy-step: PPO, DPO, KTO, SFT, GRPO or RLOO; SFT first with
+       --sft-first) from the served adapter, on fold A and training prompts only
                                                               -> data/adapters/vNNNNNN/ (candidate)
     4. evaluate candidate vs served adapter on held-out prompts and held-out pairs
-       with evidence PPO did not optimise against (gate.evaluate)
+       with evidence the policy step did not optimise against (gate.evaluate)
     5. promote (CURRENT -> candidate), reject (reasons in the manifest), or, with
        --live-compare, put it in front of users in Compare mode (LIVE) and decide on
        their votes in a later cycle
@@ -43,7 +44,7 @@ from assistant import adapters, cycles
 from assistant.config import ModelArgs
 from assistant.cycles import Busy, CycleLock
 from trainer import gate
-from trainer.config import DataArgs, PPOArgs, RewardArgs, ScheduleArgs
+from trainer.config import DataArgs, PolicyArgs, PPOArgs, RewardArgs, ScheduleArgs
 
 log = logging.getLogger("trainer.schedule")
 
@@ -216,7 +217,8 @@ class CycleResult:
     version: str | None = None  # the candidate adapter
     parent: str | None = None
     reward_version: str | None = None  # the reward model PPO trained against
-    judge_version: str | None = None  # the reward model that judged the candidate (PPO never saw it)
+    judge_version: str | None = None  # the reward model that judged the candidate (the policy step never saw it)
+    policy_step: str | None = None  # ppo, dpo, kto, sft, grpo or rloo ("... after sft" with --sft-first)
     reasons: list[str] = field(default_factory=list)
     signal: dict = field(default_factory=dict)  # decisive pairs and cross-fitted reward-model accuracy
     evaluation: dict = field(default_factory=dict)
@@ -229,7 +231,7 @@ class CycleResult:
     def summary(self) -> str:
         head = f"cycle {self.decision}"
         if self.version:
-            head += f": candidate {self.version} (parent {self.parent}, reward model {self.reward_version}, judge {self.judge_version})"
+            head += f": {self.policy_step or 'ppo'} candidate {self.version} (parent {self.parent}, reward model {self.reward_version}, judge {self.judge_version})"
         e = self.evaluation
         if e.get("win_rate") is not None:
             h = e.get("human_agreement") or {}
@@ -249,7 +251,7 @@ def _log_cycle(sched: ScheduleArgs, result: CycleResult) -> None:
 
 
 def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, sched: ScheduleArgs,
-              progress: bool = True) -> CycleResult:
+              progress: bool = True, policy_args: PolicyArgs | None = None) -> CycleResult:
     """One cycle (steps 0–5 above). Raises Busy when another cycle holds the lock.
 
     A failure inside the cycle is logged and returned as decision 'failed'; what was
@@ -258,6 +260,7 @@ def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArg
     from trainer.data import build_examples, read_snapshot
     from trainer.ppo import NonFiniteError
 
+    policy_args = policy_args or PolicyArgs()
     adir = ppo_args.adapters_dir
     with CycleLock(sched.lock_file) as lock:
         started, t0 = cycles.now(), time.perf_counter()
@@ -302,12 +305,14 @@ def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArg
             def judge_fn(prompts, texts):
                 return fit.judge_rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
 
-            # (3) PPO from the served adapter, on the training prompts only
-            lock.phase("ppo")
+            # (3) the policy step from the served adapter, on fold A and the training prompts only
+            lock.phase(policy_args.policy_step)
+            result.policy_step = policy_args.policy_step + (" after sft" if policy_args.sft_first else "")
             train_prompts, eval_prompts = cycle_prompts(snapshot, ppo_args, sched)
-            version, manifest = steps.run_ppo(model_args, data_args, reward_args, ppo_args, progress=progress, reward_fn=score_fn,
-                                              reward_version=fit.policy_version, prompts=train_prompts, snapshot=snapshot,
-                                              extra={"judge_model": fit.judge_version, "eval_prompts": len(eval_prompts)})
+            version, manifest = steps.run_policy(model_args, data_args, reward_args, ppo_args, policy_args, progress=progress,
+                                                 reward_fn=score_fn, reward_version=fit.policy_version, prompts=train_prompts,
+                                                 snapshot=snapshot, examples=fit.fold_a,
+                                                 extra={"judge_model": fit.judge_version, "eval_prompts": len(eval_prompts)})
             result.version, result.parent = version, manifest["parent"]
             # (4) evaluate on evidence PPO did not optimise against
             lock.phase("evaluate")
@@ -372,7 +377,7 @@ def due(sched: ScheduleArgs, rows: int, now: dt.datetime, last_check: dt.datetim
 
 
 def run_schedule(model_args, data_args, reward_args, ppo_args, sched: ScheduleArgs, stop=None, progress: bool = False,
-                 clock=dt.datetime.now, sleep=time.sleep) -> None:
+                 clock=dt.datetime.now, sleep=time.sleep, policy_args: PolicyArgs | None = None) -> None:
     """Run cycles on the schedule until `stop()` returns True (or forever)."""
     log.info("schedule: every %s min when >= %d new feedback rows%s", sched.every_min or "-", sched.min_new_rows,
              f", and daily at {sched.at}" if sched.at else "")
@@ -397,7 +402,7 @@ def run_schedule(model_args, data_args, reward_args, ppo_args, sched: ScheduleAr
         if reason is not None:
             log.info("schedule: starting a cycle: %s", reason)
             try:
-                run_cycle(model_args, data_args, reward_args, ppo_args, sched, progress=progress)
+                run_cycle(model_args, data_args, reward_args, ppo_args, sched, progress=progress, policy_args=policy_args)
             except Busy as exc:
                 log.info("schedule: %s", exc)
             last_check = clock()

@@ -4,6 +4,8 @@
     fit_reward_pair(...)   two reward models on disjoint folds, cross-fitted: the
                            policy's reward (fold A) and the judge (fold B)  (the cycle)
     run_ppo(...)           PPO from the served adapter -> a candidate adapter (`python -m trainer ppo`)
+    run_policy(...)        --policy-step (ppo, dpo, kto, sft, grpo, rloo; SFT first on request)
+                           -> a candidate adapter (`python -m trainer train`, the cycle)
 
 Why two reward models in a cycle: PPO optimises against its reward model, so that
 model's opinion of the result is no evidence that the result is better. The judge is
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from assistant.config import BASE_VERSION, ModelArgs
-from trainer.config import DataArgs, PPOArgs, RewardArgs
+from assistant.config import ModelArgs
+from trainer.config import DataArgs, PolicyArgs, PPOArgs, RewardArgs
 
 log = logging.getLogger("trainer")
 
@@ -115,43 +118,60 @@ def fit_reward_pair(model_args: ModelArgs, reward_args: RewardArgs, snapshot, ex
     return CrossFit(fitted["policy"][1], fitted["judge"][1], fitted["policy"][0], fitted["judge"][0], fold_a, fold_b, signal)
 
 
+def _reward(model_args: ModelArgs, reward_args: RewardArgs, ppo_args: PPOArgs, reward_fn=None, reward_version: str | None = None):
+    """(reward_fn, version): the given one, else the --reward version (default the latest) loaded."""
+    from trainer import reward
+
+    if reward_fn is not None:
+        return reward_fn, reward_version
+    saved = reward.versions(reward_args.reward_dir)
+    reward_version = ppo_args.reward or (saved[-1] if saved else None)
+    if reward_version is None:
+        raise ValueError(f"--reward-dir {reward_args.reward_dir}: no reward model yet; fit one with `python -m trainer reward`")
+    rm = reward.load(reward_args.reward_dir, model_args, reward_version)
+
+    def score(prompts, texts):
+        return rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
+
+    return score, reward_version
+
+
+def _prompts(snapshot, ppo_args: PPOArgs, prompts: list | None) -> tuple[list, dict]:
+    from trainer.data import default_prompts, snapshot_prompts
+
+    if prompts is not None:
+        return prompts, {"given": len(prompts)}
+    from_store = snapshot_prompts(snapshot, ppo_args.max_prompts) if snapshot is not None else []
+    prompts = from_store if len(from_store) >= ppo_args.ppo_batch_size else from_store + default_prompts()
+    return prompts, {"from_store": len(from_store), "default": len(prompts) - len(from_store)}
+
+
 def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, progress: bool = True,
             reward_fn=None, reward_version: str | None = None, prompts: list | None = None, extra: dict | None = None,
-            snapshot=None):
+            snapshot=None, reward_functions: list | None = None, start_dir: str | Path | None = None):
     """PPO from the served adapter against a reward model; publishes a candidate. Returns (version, manifest).
 
     `reward_fn(prompts, texts) -> (B,) scores` replaces loading the reward model (a
     scripted reward, or one the caller already holds as `reward_version`); `prompts`
-    replaces the snapshot's prompts plus the default set; `extra` goes into the manifest.
+    replaces the snapshot's prompts plus the default set; `extra` goes into the manifest;
+    `reward_functions` (trainer/rewards.py) are added to the score.
     The run continues the parent's value head and KL controller (saved beside it) and
-    uses the parent as its reference policy; both are saved with the candidate."""
+    uses the parent as its reference policy; both are saved with the candidate.
+    `start_dir`: an adapter (an SFT result) to start from and use as the reference
+    instead of the parent's weights."""
     from assistant import adapters
-    from trainer import ppo, reward
-    from trainer.data import default_prompts, snapshot_prompts
+    from trainer import ppo, rewards
+    from trainer.policy import parent_of
 
     started = time.perf_counter()
-    if reward_fn is None:
-        saved = reward.versions(reward_args.reward_dir)
-        reward_version = ppo_args.reward or (saved[-1] if saved else None)
-        if reward_version is None:
-            raise ValueError(f"--reward-dir {reward_args.reward_dir}: no reward model yet; fit one with `python -m trainer reward`")
-        rm = reward.load(reward_args.reward_dir, model_args, reward_version)
-
-        def reward_fn(prompts, texts):
-            return rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
-
+    reward_fn, reward_version = _reward(model_args, reward_args, ppo_args, reward_fn, reward_version)
+    reward_fn = rewards.combine(reward_fn, reward_functions or [])
     if snapshot is None and Path(data_args.db).exists():
         snapshot = _snapshot(data_args)
-    if prompts is None:
-        from_store = snapshot_prompts(snapshot, ppo_args.max_prompts) if snapshot is not None else []
-        prompts = from_store if len(from_store) >= ppo_args.ppo_batch_size else from_store + default_prompts()
-        prompt_counts = {"from_store": len(from_store), "default": len(prompts) - len(from_store)}
-    else:
-        prompt_counts = {"given": len(prompts)}
-    parent = adapters.read_current(ppo_args.adapters_dir)
-    parent_dir = None if parent == BASE_VERSION else Path(ppo_args.adapters_dir) / parent
-    parent_manifest = adapters.read_manifest(ppo_args.adapters_dir, parent) if parent_dir is not None else {}
-    model, tokenizer = ppo.build_trainable_policy(model_args, parent_dir)
+    prompts, prompt_counts = _prompts(snapshot, ppo_args, prompts)
+    parent, parent_dir, parent_manifest = parent_of(ppo_args.adapters_dir)
+    start_dir = start_dir if start_dir is not None else parent_dir
+    model, tokenizer = ppo.build_trainable_policy(model_args, start_dir)
     cfg = ppo.config_from(ppo_args)
     device = next(model.parameters()).device
     state, resumed = ppo.load_state(parent_dir, parent_manifest, model.get_base_model().config.hidden_size, cfg, device)
@@ -159,10 +179,11 @@ def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs,
     log.info("PPO from %s: %s value head and KL controller (kl_coef %.4f)", parent, "the parent's" if resumed else "a fresh", kl_coef_start)
     state, history, stop = ppo.train(model, tokenizer, prompts, reward_fn, cfg, ppo_args.ppo_iterations, seed=ppo_args.ppo_seed,
                                      prompt_max_tokens=ppo_args.prompt_max_tokens, progress=progress, log=log.info, state=state,
-                                     ref_adapter=ppo.REFERENCE_ADAPTER if parent_dir is not None else None)
+                                     ref_adapter=ppo.REFERENCE_ADAPTER if start_dir is not None else None)
     tensors, state_json = ppo.save_state(state)
     manifest = {
         "kind": "ppo",
+        "policy_step": "ppo",
         "parent": parent,
         "reward_model": reward_version or "scripted",
         "feedback_ids": snapshot.id_range() if snapshot is not None else {},
@@ -172,9 +193,77 @@ def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs,
         "ppo_args": vars(ppo_args),
         "stop_reason": stop,
         "metrics": history,
+        "reward_functions": rewards.describe(reward_functions or []),
         ppo.STATE_KEY: {**state_json, "resumed_from_parent": resumed, "kl_coef_start": kl_coef_start},
         "seconds": time.perf_counter() - started,
         **(extra or {}),
     }
     version = adapters.publish(ppo_args.adapters_dir, model, ppo.POLICY_ADAPTER, manifest, tensors={ppo.STATE_FILE: tensors})
+    return version, manifest
+
+
+def run_policy(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, policy_args: PolicyArgs,
+               progress: bool = True, reward_fn=None, reward_version: str | None = None, prompts: list | None = None,
+               snapshot=None, examples=None, extra: dict | None = None):
+    """`--policy-step` (after SFT when --sft-first) from the served adapter → a candidate.
+    Returns (version, manifest).
+
+    examples: the feedback to learn from (a cycle passes its fold A; default: the whole
+    snapshot); prompts: GRPO/RLOO/PPO prompts (default: the snapshot's, then the default
+    set). Reward functions and demonstrations are loaded and checked before any training."""
+    from assistant import adapters
+    from trainer import policy, rewards
+    from trainer.data import build_examples
+
+    started = time.perf_counter()
+    step = policy_args.policy_step
+    funcs = rewards.load(policy_args.reward_functions) if policy_args.reward_functions else []
+    demos = policy.read_demonstrations(policy_args.demonstrations) if policy_args.demonstrations else []
+    needs_reward = step in ("ppo", "grpo", "rloo")
+    if needs_reward:
+        reward_fn, reward_version = _reward(model_args, reward_args, ppo_args, reward_fn, reward_version)
+    if snapshot is None and Path(data_args.db).exists():
+        snapshot = _snapshot(data_args)
+    if examples is None:
+        examples = build_examples(snapshot) if snapshot is not None else None
+    info = {"policy_step": step, "sft_first": policy_args.sft_first, "policy_args": vars(policy_args), **(extra or {})}
+    if step == "ppo" and not policy_args.sft_first:
+        return run_ppo(model_args, data_args, reward_args, ppo_args, progress=progress, reward_fn=reward_fn, reward_version=reward_version,
+                       prompts=prompts, snapshot=snapshot, reward_functions=funcs, extra=info)
+    parent, parent_dir, _ = policy.parent_of(ppo_args.adapters_dir)
+    model, tokenizer = policy.build_policy(model_args, parent_dir)
+    stages = {}
+    if policy_args.sft_first or step == "sft":
+        stages["sft"] = policy.train_step("sft", model, tokenizer, policy_args, ppo_args, examples=examples, demonstrations=demos, progress=progress)
+        log.info("SFT on %d demonstrations in %.0fs", stages["sft"]["rows"], stages["sft"]["seconds"])
+    if step == "ppo":
+        with tempfile.TemporaryDirectory(prefix="sft-") as start:
+            model.save_pretrained(start)
+            del model
+            version, manifest = run_ppo(model_args, data_args, reward_args, ppo_args, progress=progress, reward_fn=reward_fn,
+                                        reward_version=reward_version, prompts=prompts, snapshot=snapshot, reward_functions=funcs,
+                                        start_dir=start, extra={**info, "sft": stages["sft"]})
+        return version, manifest
+    if step in ("grpo", "rloo"):
+        prompts, prompt_counts = _prompts(snapshot, ppo_args, prompts)
+        info["prompts"] = prompt_counts
+        stages[step] = policy.train_step(step, model, tokenizer, policy_args, ppo_args, prompts=prompts,
+                                         reward_fn=rewards.combine(reward_fn, funcs), progress=progress)
+    elif step != "sft":
+        stages[step] = policy.train_step(step, model, tokenizer, policy_args, ppo_args, examples=examples, progress=progress)
+    manifest = {
+        "kind": step,
+        "parent": parent,
+        "reward_model": reward_version if needs_reward else None,
+        "feedback_ids": snapshot.id_range() if snapshot is not None else {},
+        "base_model": model_args.model,
+        "quantize": model_args.quantize,
+        "rows": {name: s["rows"] for name, s in stages.items()},
+        "metrics": {name: s["history"] for name, s in stages.items()},
+        "reward_functions": rewards.describe(funcs),
+        "seconds": time.perf_counter() - started,
+        **info,
+    }
+    version = adapters.publish(ppo_args.adapters_dir, model, policy.ADAPTER, manifest)
+    log.info("%s candidate %s from %s (%s)", step, version, parent, ", ".join(f"{k}: {v} rows" for k, v in manifest["rows"].items()))
     return version, manifest
