@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 BASE_VERSION = "base"  # adapter version recorded when no trained adapter is active
+MAX_TEMPERATURE_SPREAD = 0.5  # 4 temperatures this far apart fit in the UI's 0..2, wherever the user's lies
 
 
 def _f(default, help: str, **kw):
@@ -65,6 +66,11 @@ class ServeArgs:
     top_p: float = _f(0.9, "default nucleus-sampling top-p")
     max_new_tokens: int = _f(256, "default cap on tokens per reply")
     max_new_tokens_limit: int = _f(1024, "largest max-new-tokens a user may pick in the UI")
+    rank_k: int = _f(3, "replies generated for one message in Rank mode, for the user to order best to worst (3 or 4)")
+    compare_temperature_spread: float = _f(
+        0.3, "in Compare and Rank mode, the first reply samples at the user's temperature and the others at that "
+             "+ spread, - spread, + 2 x spread (kept within 0..2), so the replies differ; 0 = all alike. A live candidate "
+             "and the served adapter are compared both at the user's settings instead")
     watch_interval: float = _f(2.0, "seconds between checks of the CURRENT/LIVE pointers for a newly promoted adapter")
     trainer: bool = _f(True, "start the scheduled trainer (`python -m trainer run`) as a background process")
     trainer_args: str = _f("", "extra flags for the background trainer, e.g. '--every-min 60 --min-new-rows 50 --at 03:00'")
@@ -88,6 +94,11 @@ class ServeArgs:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.watch_interval <= 0:
             raise ValueError(f"--watch-interval must be positive, got {self.watch_interval}")
+        if not 3 <= self.rank_k <= 4:
+            raise ValueError(f"--rank-k must be 3 or 4 (Compare mode is the choice between 2), got {self.rank_k}")
+        if not 0 <= self.compare_temperature_spread <= MAX_TEMPERATURE_SPREAD:
+            raise ValueError(f"--compare-temperature-spread must be in 0..{MAX_TEMPERATURE_SPREAD} (so that 4 different "
+                             f"temperatures fit in 0..2), got {self.compare_temperature_spread}")
         if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"--max-new-tokens must be in 1..--max-new-tokens-limit ({self.max_new_tokens_limit}), got {self.max_new_tokens}")
 

@@ -5,6 +5,7 @@ What it is: a tab of the chat app (`build_dashboard(deps)`, called from
 
     feedback over time by kind, and per adapter version      (SQLite, read-only)
     thumbs-up rate and side-by-side win rate per version     (SQLite, read-only)
+    tie rate per version, mode and sampling variant, 95% CI  (SQLite, read-only)
     reward-model validation accuracy with its 95% CI         (data/reward/rNNNNNN/manifest.json)
     PPO curves: reward (objective/scores) and objective/kl   (data/adapters/vNNNNNN/manifest.json)
     KL per cycle (to the parent) and in total (to the base)  (each version's held-out evaluation)
@@ -37,6 +38,7 @@ import hmac
 import html
 import json
 import logging
+import math
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -160,6 +162,62 @@ def win_rate(con: sqlite3.Connection) -> pd.DataFrame:
     })
 
 
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% for z = 1.96) of the proportion successes / n; (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+NOT_RECORDED = "(not recorded)"  # variant of replies stored before replies recorded how they were sampled
+
+
+def tie_rates(con: sqlite3.Connection) -> pd.DataFrame:
+    """How often people could not tell replies apart, per adapter version, mode and variant.
+
+    The unit is a judged pair of replies: a comparison is one pair (mode 'compare'); a
+    ranking of k replies is k(k-1)/2 decisive pairs and 'All about the same' is as many
+    tied pairs (mode 'rank'). `ties` counts pairs judged a tie, `both_bad` pairs judged
+    both bad; `tie_rate` = ties / pairs with its 95% Wilson interval (`ci_low`, `ci_high`).
+    A pair counts once for every distinct version among its two replies; `variant` is how
+    the replies were sampled (plain, temperature-spread, live-candidate). Imported pairs
+    are left out."""
+    judged = []  # (versions, mode, variant, choice)
+    for choice, va, vb, source, variant in con.execute(
+        """SELECT c.choice, ra.adapter_version, rb.adapter_version, ra.source, json_extract(ra.params, '$.variant')
+           FROM comparisons c JOIN replies ra ON ra.id = c.reply_a_id JOIN replies rb ON rb.id = c.reply_b_id
+           WHERE c.id NOT IN (SELECT comparison_id FROM imports)"""
+    ):
+        judged.append(({va, vb}, "rank" if source == "rank" else "compare", variant, choice))
+    replies = {rid: (version, variant) for rid, version, variant in con.execute(
+        """SELECT DISTINCT r.id, r.adapter_version, json_extract(r.params, '$.variant')
+           FROM rankings k, json_each(k.reply_ids) j JOIN replies r ON r.id = j.value""")}
+    for (reply_ids,) in con.execute("SELECT reply_ids FROM rankings"):
+        ids = json.loads(reply_ids)
+        for i, better in enumerate(ids):
+            for worse in ids[i + 1:]:
+                judged.append(({replies[better][0], replies[worse][0]}, "rank", replies[better][1], "ranked"))
+    pairs, ties, both_bad = Counter(), Counter(), Counter()
+    for versions, mode, variant, choice in judged:
+        for version in versions - {IMPORT_VERSION}:
+            key = (version, mode, variant or NOT_RECORDED)
+            pairs[key] += 1
+            ties[key] += choice == "tie"
+            both_bad[key] += choice == "both_bad"
+    rows = []
+    for key in sorted(pairs):
+        low, high = wilson(ties[key], pairs[key])
+        rows.append((*key, pairs[key], ties[key], both_bad[key], ties[key] / pairs[key], low, high))
+    columns = ["version", "mode", "variant", "pairs", "ties", "both_bad", "tie_rate", "ci_low", "ci_high"]
+    return pd.DataFrame(rows, columns=columns).astype(
+        {"version": str, "mode": str, "variant": str, "pairs": int, "ties": int, "both_bad": int,
+         "tie_rate": float, "ci_low": float, "ci_high": float})
+
+
 def read_feedback(db_path: str | Path) -> dict[str, pd.DataFrame]:
     """Every feedback frame the dashboard plots, from one read-only snapshot of the database."""
     with FeedbackStore(db_path, readonly=True) as store:
@@ -171,6 +229,7 @@ def read_feedback(db_path: str | Path) -> dict[str, pd.DataFrame]:
                 "by_version": feedback_by_version(con),
                 "thumbs_up": thumbs_up_rate(con),
                 "win_rate": win_rate(con),
+                "tie_rates": tie_rates(con),
             }
         finally:
             con.execute("COMMIT")
@@ -331,7 +390,7 @@ def require_admin(admin: bool) -> None:
 
 # ---------------------------------------------------------------- what the dashboard shows
 # The order of the values every data handler returns; build_dashboard lists its components in it.
-VIEW = ("status", "versions", "rollback", "reward_table",
+VIEW = ("status", "versions", "rollback", "reward_table", "tie_table",
         "plot_time", "plot_version", "plot_thumbs", "plot_wins", "plot_reward", "plot_ppo_reward", "plot_ppo_kl", "plot_kl")
 
 
@@ -375,6 +434,7 @@ def view(deps) -> dict[str, Any]:
         "versions": versions_table(manifests, serving, live),
         "rollback": gr.update(choices=choices, value=default),
         "reward_table": acc.round(3) if acc is not None else None,
+        "tie_table": fb["tie_rates"].round(3) if "tie_rates" in fb else None,
         "plot_time": _plot(over_time, "No feedback yet.", per_bucket),
         "plot_version": _plot(fb.get("by_version"), "No feedback on model replies yet."),
         "plot_thumbs": _plot(fb.get("thumbs_up"), "No 👍/👎 votes yet."),
@@ -481,6 +541,9 @@ def build_dashboard(deps) -> None:
                                               y_lim=[0, 1], tooltip="all", elem_id="plot-thumbs-up")
             comps["plot_wins"] = gr.BarPlot(x="version", y="win_rate", title="Side-by-side win rate per version",
                                             y_title="wins / decisive A-B choices", y_lim=[0, 1], tooltip="all", elem_id="plot-win-rate")
+        comps["tie_table"] = gr.Dataframe(
+            label="Tie rate per version, mode and sampling variant (judged pairs; tie_rate with its 95% Wilson interval)",
+            interactive=False, elem_id="tie-table")
         with gr.Row():
             comps["plot_ppo_reward"] = gr.LinePlot(x="iteration", y="value", color="version", title="PPO reward (objective/scores)",
                                                    y_title="mean reward-model score", elem_id="plot-ppo-reward")

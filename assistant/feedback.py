@@ -5,11 +5,12 @@ What it is: `FeedbackStore`, a thin layer over one SQLite file (default
 user turns, and every assistant reply together with what training needs to reuse it:
 the full context the reply was generated from (system prompt included), generation
 parameters, model name, adapter version, token counts and latency. On top of replies
-it records four kinds of feedback: thumbs up/down votes (current vote per user and
-reply, plus the full history in `vote_events`), side-by-side comparisons, corrections
-(an edited, better reply) and rankings of k replies. It exports them as JSONL in the
+it records four kinds of feedback: thumbs up/down votes with their reasons (current
+vote per user and reply, plus the full history in `vote_events`), side-by-side
+comparisons, corrections (an edited, better reply) and rankings of k replies (or, when
+the person could not rank them, a tie of every pair). It exports them as JSONL in the
 conversational formats TRL's trainers read: preference (`prompt/chosen/rejected`),
-KTO (`prompt/completion/label`) and SFT (`messages`). Preference pairs from public
+KTO (`prompt/completion/label`, plus the vote's `reason`) and SFT (`messages`). Preference pairs from public
 data sets come in through `import_pair` (the file reader is `trainer/data.py`): each
 is stored as a comparison by user "import", once, however often its file is imported.
 
@@ -67,7 +68,7 @@ import sqlite_utils
 
 DEFAULT_PATH = "data/feedback.db"
 ROLES = ("system", "user", "assistant")
-SOURCES = ("chat", "regenerate", "compare")
+SOURCES = ("chat", "regenerate", "compare", "rank")
 CHOICES = ("a", "b", "tie", "both_bad")
 VOTE_VALUES = (1, -1, 0)  # up, down, removed
 EXPORT_FORMATS = ("preference", "kto", "sft")
@@ -199,9 +200,43 @@ def _v2_imports(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_imports_comparison_id ON imports(comparison_id)")
 
 
+def _v3_rank_source(db: sqlite_utils.Database) -> None:
+    """Allow replies.source 'rank': the k replies generated for one ranking.
+
+    SQLite cannot change a CHECK constraint in place, so `replies` is rebuilt the way
+    SQLite documents it: create the new table, copy every row with its id, drop the old
+    table, rename the new one into its place and recreate its index. `_migrate` runs
+    migrations with foreign-key enforcement off (dropping `replies` must not touch the
+    votes, comparisons and corrections that point at it) and checks every reference
+    before it commits."""
+    columns = ("id, conversation_id, context, text, params, model, adapter_version, prompt_tokens, "
+               "completion_tokens, latency_ms, ttft_ms, finish_reason, source, created_at")
+    db.execute("""CREATE TABLE replies_v3 (
+        id INTEGER PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id),
+        context TEXT NOT NULL,                  -- JSON [{role, content}...], system prompt included
+        text TEXT NOT NULL,
+        params TEXT NOT NULL,                   -- JSON {temperature, top_p, max_new_tokens, variant...}
+        model TEXT NOT NULL,
+        adapter_version TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        latency_ms REAL NOT NULL,
+        ttft_ms REAL,                           -- NULL when not streamed
+        finish_reason TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('chat', 'regenerate', 'compare', 'rank')),
+        created_at TEXT NOT NULL
+    )""")
+    db.execute(f"INSERT INTO replies_v3 ({columns}) SELECT {columns} FROM replies")
+    db.execute("DROP TABLE replies")
+    db.execute("ALTER TABLE replies_v3 RENAME TO replies")
+    db.execute("CREATE INDEX idx_replies_conversation_id ON replies(conversation_id)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial_schema,
     _v2_imports,
+    _v3_rank_source,
 ]
 
 
@@ -238,6 +273,16 @@ def _check_ms(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise FeedbackError(f"{what} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def _check_reply_ids(reply_ids: Any, what: str) -> list[int]:
+    """A list of at least 2 distinct reply ids."""
+    if not isinstance(reply_ids, (list, tuple)) or len(reply_ids) < 2:
+        raise FeedbackError(f"{what} needs a list of at least 2 reply ids, got {reply_ids!r}")
+    reply_ids = [_check_id(rid, "reply id") for rid in reply_ids]
+    if len(set(reply_ids)) != len(reply_ids):
+        raise FeedbackError(f"{what} lists each reply once, got {reply_ids}")
+    return reply_ids
 
 
 def _check_context(context: Any) -> list[dict[str, str]]:
@@ -502,13 +547,29 @@ class FeedbackStore:
             raise StoreUnavailable(
                 f"feedback database {self.path} has schema version {current}, this code needs {target}; "
                 f"open it once without readonly to migrate it")
-        with self._write() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version "
-                       "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-            # Re-read under the write lock: another process may have migrated meanwhile.
-            for version in range(self._schema_version(db) + 1, target + 1):
-                MIGRATIONS[version - 1](db)
-                _insert(db, "schema_version", {"version": version, "applied_at": _now()})
+        # Foreign keys are off while migrations run (SQLite ignores the pragma inside a
+        # transaction, so it is set around it): a table rebuild drops the old table, which
+        # would otherwise count as deleting every row the other tables point at. Every
+        # reference is checked before the commit instead.
+        conn = self.db()
+        with self._errors(write=True):
+            conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with self._write() as db:
+                db.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                           "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+                # Re-read under the write lock: another process may have migrated meanwhile.
+                for version in range(self._schema_version(db) + 1, target + 1):
+                    MIGRATIONS[version - 1](db)
+                    _insert(db, "schema_version", {"version": version, "applied_at": _now()})
+                broken = db.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise StoreUnavailable(
+                        f"migrating feedback database {self.path} to schema version {target} would leave "
+                        f"{len(broken)} broken reference(s) (first: {tuple(broken[0])}); nothing was changed")
+        finally:
+            with self._errors(write=True):
+                conn.execute("PRAGMA foreign_keys = ON")
 
     # -- lookups used inside write transactions ----------------------------
 
@@ -687,11 +748,7 @@ class FeedbackStore:
     def add_ranking(self, reply_ids: list[int], user_id: int) -> int:
         """Record a best-first ranking of k >= 2 distinct replies to the same context.
         Returns rankings.id."""
-        if not isinstance(reply_ids, (list, tuple)) or len(reply_ids) < 2:
-            raise FeedbackError(f"a ranking needs a list of at least 2 reply ids, got {reply_ids!r}")
-        reply_ids = [_check_id(rid, "reply id") for rid in reply_ids]
-        if len(set(reply_ids)) != len(reply_ids):
-            raise FeedbackError(f"a ranking lists each reply once, got {reply_ids}")
+        reply_ids = _check_reply_ids(reply_ids, "a ranking")
         _check_id(user_id, "user id")
         with self._write() as db:
             self._replies_with_one_context(db, reply_ids)
@@ -699,6 +756,21 @@ class FeedbackStore:
             return _insert(db, "rankings", {
                 "reply_ids": json.dumps(reply_ids), "user_id": user_id, "created_at": _now(),
             })
+
+    def add_ties(self, reply_ids: list[int], user_id: int) -> list[int]:
+        """Record that k >= 2 distinct replies to the same context are all about as good
+        (the person could not rank them): one 'tie' comparison per pair, k(k-1)/2 in all,
+        in one transaction. Like any tie they give no preference pair. Returns the
+        comparisons' ids."""
+        reply_ids = _check_reply_ids(reply_ids, "a tie")
+        _check_id(user_id, "user id")
+        now = _now()
+        with self._write() as db:
+            self._replies_with_one_context(db, reply_ids)
+            self._row(db, "users", user_id, "user id")
+            return [_insert(db, "comparisons", {
+                "reply_a_id": a, "reply_b_id": b, "choice": "tie", "user_id": user_id, "created_at": now,
+            }) for i, a in enumerate(reply_ids) for b in reply_ids[i + 1:]]
 
     def import_pair(self, prompt: list[dict], chosen: str, rejected: str, source_file: str) -> bool:
         """Store one preference pair from a data set as a comparison that user "import" made.
@@ -761,8 +833,9 @@ class FeedbackStore:
         preference: {"prompt", "chosen", "rejected"} from comparisons won by a or b
             (ties and both_bad give no pair), corrections (edited over original) and
             every pair a ranking implies.
-        kto: {"prompt", "completion", "label"} from current up (true) and down
-            (false) votes; removed votes are skipped.
+        kto: {"prompt", "completion", "label", "reason"} from current up (true) and
+            down (false) votes, with the reason given with the vote ("" when none);
+            removed votes are skipped.
         sft: {"messages"} from replies with an up vote, comparison winners and
             corrections (the edited text), each (context, text) once.
         The file appears complete or not at all (temp file, fsync, os.replace).
@@ -811,11 +884,12 @@ def _preference_rows(db: sqlite_utils.Database) -> Iterator[dict]:
 
 def _kto_rows(db: sqlite_utils.Database) -> Iterator[dict]:
     for row in list(db.query("""
-        SELECT r.context, r.text, v.value
+        SELECT r.context, r.text, v.value, v.reason
         FROM votes v JOIN replies r ON r.id = v.reply_id
         WHERE v.value != 0
         ORDER BY v.id""")):
-        yield {"prompt": json.loads(row["context"]), "completion": _assistant(row["text"]), "label": row["value"] == 1}
+        yield {"prompt": json.loads(row["context"]), "completion": _assistant(row["text"]), "label": row["value"] == 1,
+               "reason": row["reason"]}
 
 
 def _sft_rows(db: sqlite_utils.Database) -> Iterator[dict]:
@@ -872,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         "export", help="write feedback as TRL-style JSONL",
         description="Write feedback as JSONL in a format TRL's trainers read. "
                     "preference: prompt/chosen/rejected (DPO, reward models); "
-                    "kto: prompt/completion/label (KTO); sft: messages (SFT).",
+                    "kto: prompt/completion/label/reason (KTO); sft: messages (SFT).",
     )
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="which dataset to write")
     export.add_argument("out", metavar="OUT.jsonl", help="output file, replaced atomically")

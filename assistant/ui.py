@@ -9,17 +9,28 @@ The server-side `Session` is the source of truth for a conversation (raw text,
 the reply id behind every assistant message); the Chatbot only displays it, with
 HTML escaped so that markup in a message is shown as text and never executed.
 
+Three ways to answer a message: Chat (one reply), Compare (two anonymous replies, A
+and B, and the person picks) and Rank (k replies, `--rank-k`, put in order best to
+worst). The replies of a comparison or ranking are sampled differently on purpose
+(`sampling_plan`): a live candidate against the served adapter at the user's settings,
+or else the served adapter at temperatures `--compare-temperature-spread` apart, so
+that people judge replies that differ. Which reply is shown where is shuffled, and
+every stored reply's params record how it was produced (variant, temperature, the
+user's own temperature) and where it was shown (side A/B, or position 1..k).
+
 What it is not: generation (chat.py) or storage (feedback.py). A failing store
 never stops the chat: the reply is shown, the user is told it was not saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -33,6 +44,9 @@ from assistant.feedback import FeedbackError, FeedbackStore, StoreUnavailable
 log = logging.getLogger(__name__)
 
 FEEDBACK_OPTIONS = ("Like", "Dislike", "Incorrect", "Unhelpful", "Unsafe", "Too long")
+MODES = ("chat", "compare", "rank")
+PLACES = ("1st", "2nd", "3rd", "4th")
+TEMPERATURE_MAX = 2.0  # the top of the UI's temperature slider
 STREAM_INTERVAL_S = 0.15  # coalesce tokens into at most ~7 UI updates per second per reply
 NAME_FIRST = "Enter your name at the top (once per session) so your feedback can be stored."
 
@@ -45,6 +59,7 @@ class Deps:
     model_name: str
     watcher: CurrentWatcher | None = None  # follows CURRENT/LIVE; None when nothing hot-swaps
     retrain: Callable[[], str] | None = None  # starts one training cycle in the background; returns what happened
+    rng: random.Random = field(default_factory=random.Random)  # shuffles where each compared or ranked reply is shown
 
 
 @dataclass
@@ -65,7 +80,8 @@ class Session:
     system_prompt: str = ""
     turns: list[Turn] = field(default_factory=list)
     streams: list[Stream] = field(default_factory=list)
-    pending: list[dict] | None = None  # the two sides of an undecided comparison
+    pending: list[dict] | None = None  # the two sides of an undecided comparison, as shown (A, B)
+    ranking: list[dict] | None = None  # the k replies waiting to be ranked, as shown (1..k)
 
     def context(self, system_prompt: str) -> list[dict]:
         msgs = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
@@ -105,6 +121,87 @@ def params_from(temperature, top_p, max_new_tokens) -> GenParams:
     return p
 
 
+def spread_temperatures(temperature: float, spread: float, n: int) -> list[float]:
+    """n sampling temperatures: the user's first, then the user's + spread, - spread,
+    + 2·spread, ... skipping any outside 0..max(TEMPERATURE_MAX, the user's). A spread
+    of 0 gives the user's n times."""
+    if spread <= 0:
+        return [temperature] * n
+    top = max(TEMPERATURE_MAX, temperature)
+    temps, step = [temperature], 1
+    while len(temps) < n:
+        fits = [t for t in (round(temperature + step * spread, 3), round(temperature - step * spread, 3)) if 0 <= t <= top]
+        if not fits:
+            raise ValueError(f"{n} temperatures {spread} apart do not fit in 0..{top}")
+        temps += fits[: n - len(temps)]
+        step += 1
+    return temps
+
+
+@dataclass(frozen=True)
+class Arm:
+    """How one of the replies to a compared or ranked message is sampled."""
+
+    version: str  # adapter version
+    params: GenParams
+
+
+def sampling_plan(current: str, live: str | None, params: GenParams, spread: float, n: int) -> tuple[str, list[Arm]]:
+    """The variant and the n arms of a comparison (n = 2) or ranking, the served adapter
+    at the user's settings first:
+
+      live-candidate      a live candidate alternates with the served adapter, both at the
+                          user's settings (a third or fourth reply of one adapter at a spread
+                          temperature), so the pair measures the adapters and nothing else;
+      temperature-spread  the served adapter at `spread_temperatures`;
+      plain               spread 0 and no candidate: every reply sampled alike.
+    """
+    if live is not None and live != current:
+        temps = spread_temperatures(params.temperature, spread, (n + 1) // 2)
+        return "live-candidate", [
+            Arm((current, live)[i % 2], dataclasses.replace(params, temperature=temps[i // 2])) for i in range(n)]
+    variant = "temperature-spread" if spread > 0 else "plain"
+    return variant, [Arm(current, dataclasses.replace(params, temperature=t)) for t in spread_temperatures(params.temperature, spread, n)]
+
+
+def parse_order(order, k: int) -> list[int] | None:
+    """The shown numbers (1..k) of ranked replies, best first, from a list ([2, 1, 3]) or
+    text ('2,1,3', '2 > 1 > 3'); None for 'tie' (all about the same)."""
+    example = ",".join(map(str, [2, 1, *range(3, k + 1)]))
+    if isinstance(order, str) and order.strip().lower() == "tie":
+        return None
+    try:
+        parts = re.split(r"[\s,>]+", order.strip()) if isinstance(order, str) else list(order)
+        numbers = [int(p) for p in parts if p != ""]
+    except (TypeError, ValueError):
+        raise ValueError(f"The order lists the replies' numbers best first, like '{example}', or is 'tie'; got {order!r}.") from None
+    if sorted(numbers) != list(range(1, k + 1)):
+        raise ValueError(f"The order names each of the {k} replies (1 to {k}) once, best first, like '{example}'; got {order!r}.")
+    return numbers
+
+
+def places_to_order(places: Sequence) -> list[int]:
+    """The shown numbers of ranked replies best first, from the place (1 = best) the
+    person gave each shown reply: places [2, 1, 3] give the order [2, 1, 3]."""
+    missing = [str(i + 1) for i, p in enumerate(places) if p in (None, "")]
+    if missing:
+        raise ValueError(f"Give every reply a place first: reply {', '.join(missing)} has none yet.")
+    places = [int(p) for p in places]
+    for place in range(1, len(places) + 1):
+        holders = [str(i + 1) for i, p in enumerate(places) if p == place]
+        if len(holders) > 1:
+            raise ValueError(f"Each place goes to one reply: {PLACES[place - 1]} is given to replies {' and '.join(holders)}.")
+    return [places.index(place) + 1 for place in range(1, len(places) + 1)]
+
+
+def panel(text):
+    """A side panel's value: `text` as one assistant message, escaped as in the chat; an
+    update (anything but text) passes through."""
+    if not isinstance(text, str):
+        return text
+    return [{"role": "assistant", "content": html.escape(text, quote=False)}] if text else []
+
+
 def follow(streams: list[Stream], interval: float = STREAM_INTERVAL_S):
     """Yield the texts of `streams` so far, about every `interval` seconds, until all
     have finished; the last yield holds the final reply texts."""
@@ -141,7 +238,8 @@ def _ensure_conversation(deps: Deps, session: Session, system_prompt: str) -> st
     return session.conversation_id
 
 
-def _save_reply(deps, session, context, stream: Stream, source: str) -> int | None:
+def _save_reply(deps, session, context, stream: Stream, source: str, how: dict | None = None) -> int | None:
+    """Store the finished reply of `stream`; `how` adds to its params how it was produced and shown."""
     if session.conversation_id is None:
         return None
     r = stream.reply
@@ -150,7 +248,8 @@ def _save_reply(deps, session, context, stream: Stream, source: str) -> int | No
         conversation_id=session.conversation_id,
         context=context,
         text=r.text,
-        params={"temperature": stream.params.temperature, "top_p": stream.params.top_p, "max_new_tokens": stream.params.max_new_tokens},
+        params={"temperature": stream.params.temperature, "top_p": stream.params.top_p, "max_new_tokens": stream.params.max_new_tokens,
+                **(how or {})},
         model=deps.model_name,
         adapter_version=r.adapter_version,
         prompt_tokens=r.prompt_tokens,
@@ -162,14 +261,23 @@ def _save_reply(deps, session, context, stream: Stream, source: str) -> int | No
     )
 
 
-def compare_versions(deps: Deps) -> tuple[str, str]:
-    """The adapter versions the two sides of a comparison come from, in random order:
-    the candidate under live comparison against the served version when there is one."""
-    current = deps.engine.policy.current
+def live_candidate(deps: Deps) -> str | None:
+    """The loaded candidate under live comparison, if there is one."""
     live = deps.watcher.live if deps.watcher is not None else None
-    pair = [current, live if live and live != current and live in deps.engine.policy.loaded else current]
-    random.shuffle(pair)
-    return pair[0], pair[1]
+    return live if live and live != deps.engine.policy.current and live in deps.engine.policy.loaded else None
+
+
+def _save_shown(deps, session, context, streams: list[Stream], shown: list[int], source: str, variant: str,
+                user_params: GenParams, where: Callable[[int], dict]) -> list[dict]:
+    """Store the replies of a comparison or ranking, in the order they were sampled, each
+    with how it was produced and `where(position)` it was shown; returns them as shown."""
+    position = {arm: pos for pos, arm in enumerate(shown)}
+    saved = [{
+        "reply_id": _save_reply(deps, session, context, s, source,
+                                {"variant": variant, "user_temperature": user_params.temperature, **where(position[i])}),
+        "text": s.reply.text, "version": s.reply.adapter_version, "temperature": s.params.temperature,
+    } for i, s in enumerate(streams)]
+    return [saved[arm] for arm in shown]
 
 
 # ---------------------------------------------------------------- handlers
@@ -192,48 +300,117 @@ def status_text(deps: Deps, session: Session) -> str:
     return f"{who} · serving adapter `{deps.engine.policy.current}`"
 
 
-def send(deps: Deps, session: Session, message: str, system_prompt: str, temperature, top_p, max_new_tokens, compare: bool):
-    """Generator: append the user's message and stream one reply (or two, in compare mode).
-
-    Yields (chatbot, textbox, reply_a, reply_b, compare_row, status)."""
-    no_change = (display(session.turns), gr.update(), gr.update(), gr.update(), gr.update(), status_text(deps, session))
+def _start(deps: Deps, session: Session, message: str, system_prompt: str, temperature, top_p, max_new_tokens, n: int):
+    """Validate a new message and queue its n replies (one: the user's settings; more:
+    `sampling_plan`). Returns (context, streams, variant, params), or None after telling
+    the user why nothing was sent."""
     if session.pending:
         gr.Warning("Pick A, B, tie or both bad for the comparison above first.")
-        yield no_change
-        return
+        return None
+    if session.ranking:
+        gr.Warning("Rank the replies above first: give each a place and save, or press All about the same.")
+        return None
     try:
         text = validate_message(message, deps.args.max_message_chars)
         params = params_from(temperature, top_p, max_new_tokens)
     except ValueError as exc:
         gr.Warning(str(exc))
-        yield no_change
-        return
+        return None
     system_prompt = system_prompt or ""
     context = session.context(system_prompt) + [{"role": "user", "content": text}]
+    if n == 1:
+        variant, plan = "", [(None, params)]  # None: the serving version, pinned at submit
+    else:
+        variant, arms = sampling_plan(deps.engine.policy.current, live_candidate(deps), params, deps.args.compare_temperature_spread, n)
+        plan = [(arm.version, arm.params) for arm in arms]
     streams: list[Stream] = []
     try:
-        for version in compare_versions(deps) if compare else (None,):
-            streams.append(deps.engine.submit(context, params, version))
+        for version, arm_params in plan:
+            streams.append(deps.engine.submit(context, arm_params, version))
     except (PromptTooLong, QueueFull, ValueError) as exc:
-        for s in streams:  # the first of a pair was queued: free its slot
+        for s in streams:  # the first of several was queued: free its slot
             s.cancel()
         gr.Warning(str(exc))
-        yield no_change
-        return
+        return None
     session.streams = streams
     if _ensure_conversation(deps, session, system_prompt):
         _store(deps.store.add_message, session.conversation_id, "user", text)
     session.turns.append(Turn("user", text))
+    return context, streams, variant, params
+
+
+def _release(session: Session, streams: list[Stream]) -> None:
+    """The browser went away or Stop was pressed: free the batch slots of unfinished replies."""
+    for s in streams:
+        if s.reply is None:
+            s.cancel()
+    session.streams = []
+
+
+def send(deps: Deps, session: Session, message: str, system_prompt: str, temperature, top_p, max_new_tokens, compare: bool):
+    """Generator: append the user's message and stream one reply (or two, in compare mode).
+
+    Yields (chatbot, textbox, reply_a, reply_b, compare_row, status); reply_a and reply_b
+    are the texts of the sides as shown."""
+    started = _start(deps, session, message, system_prompt, temperature, top_p, max_new_tokens, 2 if compare else 1)
+    if started is None:
+        yield display(session.turns), gr.update(), gr.update(), gr.update(), gr.update(), status_text(deps, session)
+        return
+    context, streams, variant, params = started
     try:
         if compare:
-            yield from _stream_compare(deps, session, context, streams)
+            yield from _stream_compare(deps, session, context, streams, variant, params)
         else:
             yield from _stream_single(deps, session, context, streams[0], "chat")
-    finally:  # the browser went away or Stop was pressed: free the batch slots
-        for s in streams:
-            if s.reply is None:
-                s.cancel()
-        session.streams = []
+    finally:
+        _release(session, streams)
+
+
+def send_rank(deps: Deps, session: Session, message: str, system_prompt: str, temperature, top_p, max_new_tokens):
+    """Generator: append the user's message and stream `--rank-k` replies to rank.
+
+    Yields (chatbot, textbox, *k reply texts as shown, rank_row, status)."""
+    k = deps.args.rank_k
+    started = _start(deps, session, message, system_prompt, temperature, top_p, max_new_tokens, k)
+    if started is None:
+        yield display(session.turns), gr.update(), *[gr.update()] * k, gr.update(), status_text(deps, session)
+        return
+    context, streams, variant, params = started
+    shown = list(range(k))
+    deps.rng.shuffle(shown)
+    texts = [""] * k
+    try:
+        for texts in follow(streams):
+            yield display(session.turns), "", *[texts[arm] for arm in shown], SHOW, status_text(deps, session)
+        session.ranking = _save_shown(deps, session, context, streams, shown, "rank", variant, params, lambda pos: {"position": pos + 1})
+    except RuntimeError as exc:
+        session.turns.pop()
+        gr.Warning(f"The replies failed: {exc}")
+        yield display(session.turns), gr.update(), *[""] * k, HIDE, status_text(deps, session)
+        return
+    finally:
+        _release(session, streams)
+    yield (display(session.turns), "", *[r["text"] for r in session.ranking], SHOW,
+           f"Put the {k} replies in order: give each a place (1st = best) and save, or press All about the same.")
+
+
+def send_in_mode(deps: Deps, session: Session, message: str, system_prompt: str, temperature, top_p, max_new_tokens, mode: str):
+    """Generator behind the page's Send: `send` or `send_rank` by `mode` (one of MODES),
+    with the replies shown as chat messages in their panels.
+
+    Yields (chatbot, textbox, panel_a, panel_b, compare_row, *k rank panels, rank_row, status)."""
+    k = deps.args.rank_k
+    if mode not in MODES:
+        gr.Warning(f"Unknown mode {mode!r}; pick one of {', '.join(MODES)}.")
+        yield display(session.turns), gr.update(), gr.update(), gr.update(), gr.update(), *[gr.update()] * k, gr.update(), status_text(deps, session)
+        return
+    if mode == "rank":
+        for chatbot, box, *rest in send_rank(deps, session, message, system_prompt, temperature, top_p, max_new_tokens):
+            *texts, row, status = rest
+            yield chatbot, box, gr.update(), gr.update(), gr.update(), *map(panel, texts), row, status
+        return
+    for chatbot, box, a, b, row, status in send(deps, session, message, system_prompt, temperature, top_p, max_new_tokens, mode == "compare"):
+        yield chatbot, box, panel(a), panel(b), row, *[gr.update()] * k, gr.update(), status
 
 
 def _stream_single(deps, session, context, stream: Stream, source: str):
@@ -252,27 +429,31 @@ def _stream_single(deps, session, context, stream: Stream, source: str):
     yield display(session.turns), "", gr.update(), gr.update(), gr.update(), status_text(deps, session)
 
 
-def _stream_compare(deps, session, context, streams):
+def _stream_compare(deps, session, context, streams, variant: str, params: GenParams):
+    shown = [0, 1]
+    deps.rng.shuffle(shown)  # which arm is A: position must not tell which way a reply was sampled
     texts = ["", ""]
     try:
         for texts in follow(streams):
-            yield display(session.turns), "", texts[0], texts[1], SHOW, status_text(deps, session)
+            yield display(session.turns), "", texts[shown[0]], texts[shown[1]], SHOW, status_text(deps, session)
     except RuntimeError as exc:
         session.turns.pop()
         gr.Warning(f"The replies failed: {exc}")
         yield display(session.turns), gr.update(), "", "", HIDE, status_text(deps, session)
         return
-    session.pending = [
-        {"reply_id": _save_reply(deps, session, context, s, "compare"), "text": s.reply.text, "version": s.reply.adapter_version}
-        for s in streams
-    ]
-    yield display(session.turns), "", texts[0], texts[1], SHOW, "Which reply is better? Pick A, B, tie or both bad."
+    session.pending = _save_shown(deps, session, context, streams, shown, "compare", variant, params, lambda pos: {"side": "AB"[pos]})
+    a, b = session.pending
+    yield display(session.turns), "", a["text"], b["text"], SHOW, "Which reply is better? Pick A, B, tie or both bad."
 
 
 def stop(session: Session):
     for s in session.streams:
         s.cancel()
     return session
+
+
+def _origin(reply: dict) -> str:
+    return f"`{reply['version']}` at temperature {reply['temperature']:g}"
 
 
 def decide(deps: Deps, session: Session, choice: str):
@@ -296,35 +477,109 @@ def decide(deps: Deps, session: Session, choice: str):
     session.pending = None
     label = {"a": "A is better", "b": "B is better", "tie": "a tie", "both_bad": "both bad"}[choice]
     note = "" if saved else " (not saved)"
-    reveal = f"You chose {label}{note}. A came from adapter `{a['version']}`, B from `{b['version']}`."
+    reveal = (f"You chose {label}{note}. A came from adapter `{a['version']}`, B from `{b['version']}` "
+              f"(sampled at temperature {a['temperature']:g} and {b['temperature']:g}).")
     if choice == "both_bad":
         reveal += " A continues the chat; you can edit it into a better reply."
     return display(session.turns), "", "", HIDE, reveal + " · " + status_text(deps, session)
 
 
-def record_vote(deps: Deps, session: Session, index: int, value: int, reason: str) -> str:
-    """Store a thumbs vote on the assistant message at chat position `index`."""
+def rank(deps: Deps, session: Session, order):
+    """Record the ranking of the replies shown in Rank mode; the best (on a tie, reply 1)
+    continues the chat. `order`: the shown numbers (1..k) best first, as a list or text
+    ('2,1,3'), or 'tie' when they are all about the same (every pair is stored as a tie).
+
+    Returns (chatbot, rank_row, status)."""
+    if not session.ranking:
+        gr.Warning("There are no replies waiting to be ranked.")
+        return display(session.turns), HIDE, status_text(deps, session)
+    shown = session.ranking
+    try:
+        best_first = parse_order(order, len(shown))
+    except ValueError as exc:
+        gr.Warning(str(exc))
+        return display(session.turns), SHOW, status_text(deps, session)
     if not session.user_id:
         gr.Warning(NAME_FIRST)
-        return NAME_FIRST
+        return display(session.turns), SHOW, NAME_FIRST
+    saved = None
+    if all(r["reply_id"] for r in shown):
+        if best_first is None:
+            saved = _store(deps.store.add_ties, [r["reply_id"] for r in shown], session.user_id)
+        else:
+            saved = _store(deps.store.add_ranking, [shown[n - 1]["reply_id"] for n in best_first], session.user_id)
+    else:
+        gr.Warning("These replies were not saved, so the ranking cannot be stored; the chat goes on.")
+    best = best_first[0] if best_first else 1
+    keep = shown[best - 1]
+    session.turns.append(Turn("assistant", keep["text"], keep["reply_id"]))
+    session.ranking = None
+    k, note = len(shown), "" if saved else " (not saved)"
+    if best_first is None:
+        reveal = f"Saved as a tie: the {k} replies are all about the same{note}."
+    else:
+        reveal = f"Ranking saved{note}: reply {' > '.join(map(str, best_first))} ({k * (k - 1) // 2} preference pairs)."
+    first, *others = shown
+    reveal += (f" Reply 1 came from adapter {_origin(first)}" + "".join(f", reply {i} from {_origin(r)}" for i, r in enumerate(others, start=2))
+               + f". Reply {best} continues the chat.")
+    return display(session.turns), HIDE, reveal + " · " + status_text(deps, session)
+
+
+def rank_by_places(deps: Deps, session: Session, *places):
+    """The page's *Save ranking*: places[i] is the place (1 = best) given to shown reply
+    i + 1. Returns (chatbot, rank_row, status, *places), the places cleared once saved."""
+    keep = [gr.update()] * len(places)
+    order: list[int] = []  # with nothing to rank, rank() says so
+    if session.ranking:
+        try:
+            order = places_to_order(places)
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            return display(session.turns), SHOW, status_text(deps, session), *keep
+    out = rank(deps, session, order)
+    return (*out, *([None] * len(places) if session.ranking is None else keep))
+
+
+def rank_tie(deps: Deps, session: Session, *places):
+    """The page's *All about the same*. Returns (chatbot, rank_row, status, *places)."""
+    out = rank(deps, session, "tie")
+    return (*out, *([None] * len(places) if session.ranking is None else [gr.update()] * len(places)))
+
+
+def _vote(deps: Deps, session: Session, index: int, value: int, reason: str) -> tuple[bool, str]:
+    """Store a thumbs vote on the assistant message at chat position `index`: (stored, status)."""
+    if not session.user_id:
+        gr.Warning(NAME_FIRST)
+        return False, NAME_FIRST
     if not isinstance(index, int) or not 0 <= index < len(session.turns) or session.turns[index].role != "assistant":
         gr.Warning("That message is not an assistant reply in this conversation.")
-        return status_text(deps, session)
+        return False, status_text(deps, session)
     turn = session.turns[index]
     if turn.reply_id is None:
         gr.Warning("This message was not stored as a model reply (it is an edit, or saving failed), so it cannot be voted on.")
-        return status_text(deps, session)
+        return False, status_text(deps, session)
     if _store(deps.store.set_vote, turn.reply_id, session.user_id, int(value), (reason or "").strip()) is None:
-        return status_text(deps, session)
+        return False, status_text(deps, session)
     word = {1: "👍 recorded", -1: "👎 recorded", 0: "vote removed"}[int(value)]
-    return f"{word} · " + status_text(deps, session)
+    return True, f"{word} · " + status_text(deps, session)
+
+
+def record_vote(deps: Deps, session: Session, index: int, value: int, reason: str) -> str:
+    """Store a thumbs vote on the assistant message at chat position `index`; returns the status line."""
+    return _vote(deps, session, index, value, reason)[1]
 
 
 def on_like(deps: Deps, session: Session, reason: str, data: gr.LikeData):
+    """A 👍/👎 (or a reason from the flag menu) on a reply, with the *Why?* text as part of
+    its reason. Once the vote is stored the *Why?* box is cleared, so its text belongs to
+    this vote only; removing a vote takes no reason and leaves the box as it is.
+
+    Returns (session, status, why_box)."""
     value, option = vote_value(data.liked)
     index = data.index if isinstance(data.index, int) else data.index[0]
-    full_reason = "; ".join(r for r in (option, (reason or "").strip()) if r)
-    return session, record_vote(deps, session, index, value, full_reason)
+    why = (reason or "").strip() if value != 0 else ""
+    stored, status = _vote(deps, session, index, value, "; ".join(r for r in (option, why) if r))
+    return session, status, "" if stored and why else gr.update()
 
 
 def api_vote(deps: Deps, session: Session, index, value, reason: str):
@@ -384,7 +639,7 @@ def api_correct(deps: Deps, session: Session, index, text: str):
 
 def regenerate(deps: Deps, session: Session, system_prompt: str, temperature, top_p, max_new_tokens):
     """Generator: replace the last assistant reply with a fresh one (the old one stays stored)."""
-    if session.pending or not session.turns or session.turns[-1].role != "assistant":
+    if session.pending or session.ranking or not session.turns or session.turns[-1].role != "assistant":
         gr.Warning("There is no reply to regenerate.")
         yield display(session.turns), gr.update(), gr.update(), gr.update(), gr.update(), status_text(deps, session)
         return
@@ -413,22 +668,44 @@ def regenerate(deps: Deps, session: Session, system_prompt: str, temperature, to
 
 
 def clear(deps: Deps, session: Session):
+    """Start over: a new conversation; an undecided comparison or ranking is dropped.
+    Returns (session, chatbot, reply_a, reply_b, compare_row, status)."""
     for s in session.streams:
         s.cancel()
-    session.turns, session.pending, session.conversation_id = [], None, None
+    session.turns, session.pending, session.ranking, session.conversation_id = [], None, None, None
     return session, [], "", "", HIDE, status_text(deps, session)
 
 
+def clear_page(deps: Deps, session: Session):
+    """The page's *Clear*: `clear`, with every panel emptied and the places unset.
+    Returns (session, chatbot, panel_a, panel_b, compare_row, *k rank panels, *k places, rank_row, status)."""
+    session, chatbot, _, _, compare_row, status = clear(deps, session)
+    k = deps.args.rank_k
+    return session, chatbot, [], [], compare_row, *[[]] * k, *[None] * k, HIDE, status
+
+
 # ---------------------------------------------------------------- layout
+def _reply_panel(label: str, elem_id: str) -> gr.Chatbot:
+    """A side panel that shows one reply the way the chat shows replies (Markdown, escaped)."""
+    return gr.Chatbot(label=label, height=320, feedback_options=None, buttons=["copy"], elem_id=elem_id)
+
+
+def _place_label(place: int, k: int) -> str:
+    return PLACES[place - 1] + (" (best)" if place == 1 else " (worst)" if place == k else "")
+
+
 def build_demo(deps: Deps) -> gr.Blocks:
     from assistant.dashboard import build_dashboard  # the admin tab; it reads the trainer's files
 
     a = deps.args
+    k = a.rank_k
     with gr.Blocks(title="Assistant") as demo:
         session = gr.State(Session())
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Chat", id="chat", elem_id="chat-tab"):
-                gr.Markdown("## Assistant\nChat, then tell it what was good or bad: 👍/👎 on a reply, ✏️ edit a reply into a better one, or switch on *Compare* to pick between two anonymous replies. Your feedback trains the next version.")
+                gr.Markdown("## Assistant\nChat, then tell it what was good or bad: 👍/👎 on a reply, ✏️ edit a reply into a better one, "
+                            f"or switch the mode to *Compare* (pick between two anonymous replies) or *Rank* (put {k} in order). "
+                            "Your feedback trains the next version.")
                 with gr.Row():
                     name = gr.Textbox(label="Your name", placeholder="needed once to give feedback", scale=2, max_length=100, elem_id="user-name")
                     profile = gr.Textbox(label="Profile (optional)", placeholder="role or expertise, e.g. 'nurse', 'Python developer'", scale=3, max_length=300, elem_id="user-profile")
@@ -437,33 +714,56 @@ def build_demo(deps: Deps) -> gr.Blocks:
                 chatbot = gr.Chatbot(
                     label="Conversation", height=460, editable="all", feedback_options=FEEDBACK_OPTIONS, elem_id="chatbot",
                 )
-                with gr.Row(visible=False, elem_id="compare-row") as compare_row:
-                    with gr.Column():
-                        reply_a = gr.Textbox(label="A", interactive=False, lines=6, elem_id="reply-a")
-                        pick_a = gr.Button("A is better", elem_id="pick-a")
-                    with gr.Column():
-                        reply_b = gr.Textbox(label="B", interactive=False, lines=6, elem_id="reply-b")
-                        pick_b = gr.Button("B is better", elem_id="pick-b")
-                    with gr.Column(scale=0, min_width=120):
+                with gr.Column(visible=False, elem_id="compare-row") as compare_row:
+                    with gr.Row(equal_height=True):
+                        with gr.Column(scale=1, min_width=240):
+                            reply_a = _reply_panel("A", "reply-a")
+                            pick_a = gr.Button("A is better", elem_id="pick-a")
+                        with gr.Column(scale=1, min_width=240):
+                            reply_b = _reply_panel("B", "reply-b")
+                            pick_b = gr.Button("B is better", elem_id="pick-b")
+                    with gr.Row():
                         pick_tie = gr.Button("Tie", elem_id="pick-tie")
                         pick_bad = gr.Button("Both bad", elem_id="pick-both-bad")
+                with gr.Column(visible=False, elem_id="rank-row") as rank_row:
+                    rank_views, rank_places = [], []
+                    with gr.Row(equal_height=True):
+                        for i in range(1, k + 1):
+                            with gr.Column(scale=1, min_width=200):
+                                rank_views.append(_reply_panel(f"Reply {i}", f"rank-reply-{i}"))
+                                rank_places.append(gr.Radio([(_place_label(p, k), p) for p in range(1, k + 1)], value=None,
+                                                            label=f"Place of reply {i}", elem_id=f"rank-place-{i}"))
+                    with gr.Row():
+                        rank_save = gr.Button("Save ranking", variant="primary", elem_id="rank-save")
+                        rank_same = gr.Button("All about the same", elem_id="rank-tie")
                 with gr.Row():
                     msg = gr.Textbox(show_label=False, placeholder=f"Message (up to {a.max_message_chars:,} characters)", scale=6, lines=1, max_lines=8, elem_id="message")
                     send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                     stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
                 with gr.Row():
-                    compare = gr.Checkbox(label="Compare: two anonymous replies (A/B), you pick", value=False, elem_id="compare")
-                    regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
-                    clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
+                    mode = gr.Radio(
+                        [("Chat", "chat"), ("Compare: two anonymous replies (A/B), you pick", "compare"),
+                         (f"Rank: {k} anonymous replies, you order them", "rank")],
+                        value="chat", label="Mode", scale=4, elem_id="mode",
+                    )
+                    regen_btn = gr.Button("Regenerate", size="sm", scale=1, elem_id="regenerate")
+                    clear_btn = gr.Button("Clear", size="sm", scale=1, elem_id="clear")
                 reason = gr.Textbox(label="Why? (optional, saved with your next 👍/👎)", max_length=500, elem_id="reason")
                 with gr.Accordion("Settings", open=False):
                     system_prompt = gr.Textbox(label="System prompt", value=a.system_prompt, lines=2, elem_id="system-prompt")
-                    temperature = gr.Slider(0, 2, value=a.temperature, step=0.05, label="Temperature (0 = greedy)")
+                    temperature = gr.Slider(0, TEMPERATURE_MAX, value=a.temperature, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1, value=a.top_p, step=0.05, label="Top-p")
                     max_new = gr.Slider(1, a.max_new_tokens_limit, value=a.max_new_tokens, step=1, label="Max new tokens")
             with gr.Tab("Dashboard", id="dashboard", elem_id="dashboard-tab"):
                 build_dashboard(deps)
-        # API-only twin of the like buttons, for gradio_client and scripts.
+        # API-only twins of the page's controls, for gradio_client and scripts: /send (chat or
+        # compare, the sides as plain text), /send_rank, /rank, /vote and /correct.
+        api_compare = gr.Checkbox(visible=False)
+        api_texts = [gr.Textbox(visible=False) for _ in range(max(2, k))]
+        api_send_btn = gr.Button(visible=False)
+        api_send_rank_btn = gr.Button(visible=False)
+        api_order = gr.Textbox(visible=False)
+        api_rank_btn = gr.Button(visible=False)
         api_index = gr.Number(visible=False, precision=0)
         api_value = gr.Number(visible=False, precision=0)
         api_vote_btn = gr.Button(visible=False)
@@ -492,28 +792,43 @@ def build_demo(deps: Deps) -> gr.Blocks:
             return on_edit(deps, session, data)
 
         gen_limit = a.max_batch * 2
+        private = {"api_visibility": "private", "concurrency_limit": None}
+        page_outputs = [chatbot, msg, reply_a, reply_b, compare_row, *rank_views, rank_row, status]
+        page_inputs = [session, msg, system_prompt, temperature, top_p, max_new, mode]
+        msg.submit(bind_gen(send_in_mode), page_inputs, page_outputs, api_visibility="private", concurrency_limit=gen_limit)
+        send_btn.click(bind_gen(send_in_mode), page_inputs, page_outputs, api_visibility="private", concurrency_limit=gen_limit)
+        generate_inputs = [session, msg, system_prompt, temperature, top_p, max_new]
+        api_send_btn.click(bind_gen(send), [*generate_inputs, api_compare], [chatbot, msg, *api_texts[:2], compare_row, status],
+                           api_name="send", concurrency_limit=gen_limit)
+        api_send_rank_btn.click(bind_gen(send_rank), generate_inputs, [chatbot, msg, *api_texts[:k], rank_row, status],
+                                api_name="send_rank", concurrency_limit=gen_limit)
         stream_outputs = [chatbot, msg, reply_a, reply_b, compare_row, status]
-        send_inputs = [session, msg, system_prompt, temperature, top_p, max_new, compare]
-        send_evt = msg.submit(bind_gen(send), send_inputs, stream_outputs, api_name="send", concurrency_limit=gen_limit)
-        click_evt = send_btn.click(bind_gen(send), send_inputs, stream_outputs, api_visibility="private", concurrency_limit=gen_limit)
         regen_inputs = [session, system_prompt, temperature, top_p, max_new]
-        regen_evt = regen_btn.click(bind_gen(regenerate), regen_inputs, stream_outputs, api_name="regenerate", concurrency_limit=gen_limit)
-        retry_evt = chatbot.retry(bind_gen(regenerate), regen_inputs, stream_outputs, api_visibility="private", concurrency_limit=gen_limit)
+        regen_btn.click(bind_gen(regenerate), regen_inputs, stream_outputs, api_name="regenerate", concurrency_limit=gen_limit)
+        chatbot.retry(bind_gen(regenerate), regen_inputs, stream_outputs, api_visibility="private", concurrency_limit=gen_limit)
         stop_btn.click(stop, [session], [session], api_name="stop", concurrency_limit=None)
-        del send_evt, click_evt, regen_evt, retry_evt
-        clear_outputs = [session, chatbot, reply_a, reply_b, compare_row, status]
-        clear_btn.click(bind(clear), [session], clear_outputs, api_name="clear", concurrency_limit=None)
-        chatbot.clear(bind(clear), [session], clear_outputs, api_visibility="private", concurrency_limit=None)
+        clear_outputs = [session, chatbot, reply_a, reply_b, compare_row, *rank_views, *rank_places, rank_row, status]
+        clear_btn.click(bind(clear_page), [session], clear_outputs, api_name="clear", concurrency_limit=None)
+        chatbot.clear(bind(clear_page), [session], clear_outputs, **private)
         save_user.click(bind(set_user), [session, name, profile], [session, status], api_name="set_user", concurrency_limit=None)
-        name.submit(bind(set_user), [session, name, profile], [session, status], api_visibility="private", concurrency_limit=None)
-        chatbot.like(like_handler, [session, reason], [session, status], api_visibility="private", concurrency_limit=None)
-        chatbot.edit(edit_handler, [session], [session, chatbot, status], api_visibility="private", concurrency_limit=None)
+        name.submit(bind(set_user), [session, name, profile], [session, status], **private)
+        chatbot.like(like_handler, [session, reason], [session, status, reason], **private)
+        chatbot.edit(edit_handler, [session], [session, chatbot, status], **private)
         api_vote_btn.click(bind(api_vote), [session, api_index, api_value, reason], [session, status], api_name="vote", concurrency_limit=None)
         api_correct_btn.click(bind(api_correct), [session, api_index, api_text], [session, status], api_name="correct", concurrency_limit=None)
         decide_outputs = [chatbot, reply_a, reply_b, compare_row, status]
         for button, choice in ((pick_a, "a"), (pick_b, "b"), (pick_tie, "tie"), (pick_bad, "both_bad")):
             button.click(
-                lambda s, c=choice: decide(deps, s, c),
+                lambda s, c=choice: _panels(decide(deps, s, c), (1, 2)),
                 [session], decide_outputs, api_name=f"choose_{choice}", concurrency_limit=None,
             )
+        rank_outputs = [chatbot, rank_row, status, *rank_places]
+        rank_save.click(bind(rank_by_places), [session, *rank_places], rank_outputs, **private)
+        rank_same.click(bind(rank_tie), [session, *rank_places], rank_outputs, **private)
+        api_rank_btn.click(bind(rank), [session, api_order], [chatbot, rank_row, status], api_name="rank", concurrency_limit=None)
     return demo
+
+
+def _panels(values: tuple, positions: tuple[int, ...]) -> tuple:
+    """`values` with the reply texts at `positions` turned into panel values."""
+    return tuple(panel(v) if i in positions else v for i, v in enumerate(values))

@@ -82,8 +82,9 @@ to the base, the reward model's validation accuracy and the gate's judge win rat
 with their intervals; the wall time of feedback, trainer, hot-swap wait and
 measurement. Summary: the served adapter's win rate against the base after the last
 cycle, the promotions, and the regressions (promotions whose win rate against the
-previous adapter has a 95% interval wholly below 0.5). PPO's per-iteration metrics
-(candidate manifest) go to the JSON, with one line each on the console. Prints
+previous adapter has a 95% interval wholly below 0.5). The policy step's metrics
+(candidate manifest: PPO's per iteration, the TRL steps' per optimiser step, rows
+used) go to the JSON, with one line each on the console. Prints
 Markdown tables and writes bench/results/loop-PREFERENCE.json.
 """
 
@@ -625,6 +626,7 @@ def cycle_figures(entry: dict) -> dict:
         "reward_version": entry.get("reward_version"),
         "judge_version": entry.get("judge_version"),
         "reasons": list(entry.get("reasons") or []),
+        "policy_step": entry.get("policy_step"),
         "rows": entry.get("rows"),
         "feedback_ids": entry.get("feedback_ids"),
         "trainer_seconds": entry.get("seconds"),
@@ -702,6 +704,19 @@ def ci(d: dict | None, key: str) -> str:
     return f"{d[key]:.3f} [{fmt(d.get(key + '_lo'))}, {fmt(d.get(key + '_hi'))}]"
 
 
+def step_line(manifest: dict) -> str:
+    """One line on what the candidate's policy step did (its manifest)."""
+    step = manifest.get("policy_step") or manifest.get("kind") or "ppo"
+    if step == "ppo":
+        return ppo_line(manifest.get("metrics"), manifest.get("stop_reason"))
+    parts = []
+    for stage, history in (manifest.get("metrics") or {}).items():
+        losses = [h["loss"] for h in history if "loss" in h]
+        rows = (manifest.get("rows") or {}).get(stage)
+        parts.append(f"{stage.upper()} on {rows} rows, {len(losses)} steps, loss {fmt(losses[0] if losses else None)} → {fmt(losses[-1] if losses else None)}")
+    return "; ".join(parts) or f"{step}: no metrics"
+
+
 def ppo_line(history: list[dict] | None, stop_reason: str | None) -> str:
     """One line on PPO's per-iteration history (candidate manifest `metrics`)."""
     if not history:
@@ -713,13 +728,13 @@ def ppo_line(history: list[dict] | None, stop_reason: str | None) -> str:
 
 
 def cycle_table(baseline: dict, cycles: list[dict]) -> list[str]:
-    lines = ["| cycle | decision | serving | win rate vs base [95% CI] | vs previous [95% CI] | pairs | words | ended | "
+    lines = ["| cycle | decision | step | serving | win rate vs base [95% CI] | vs previous [95% CI] | pairs | words | ended | "
              "KL parent / base | reward val acc [95% CI] (n) | gate win rate [95% CI] | feedback: cmp / chat / corrected | "
              "wall s: feedback / trainer / swap / measure |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     if baseline:
         st = baseline.get("replies") or {}
-        lines.append(f"| 0 | baseline | base | – | – | – | {fmt(st.get('mean_words'), '.1f')} | {fmt(st.get('ended'), '.2f')} | – | – | – | – | "
+        lines.append(f"| 0 | baseline | – | base | – | – | – | {fmt(st.get('mean_words'), '.1f')} | {fmt(st.get('ended'), '.2f')} | – | – | – | – | "
                      f"– / – / – / {fmt(baseline.get('seconds'), '.0f')} |")
     for c in cycles:
         served, vb, vp = c.get("served") or {}, c.get("vs_base"), c.get("vs_previous")
@@ -729,7 +744,7 @@ def cycle_table(baseline: dict, cycles: list[dict]) -> list[str]:
             decision += f" (live {c['promoted']} promoted)"
         prev = f" vs {vp.get('previous')}" if vp else ""
         lines.append(
-            f"| {c['cycle']} | {decision} | {served.get('version', '–')} | {ci(vb, 'win_rate')} | {ci(vp, 'win_rate')}{prev} | "
+            f"| {c['cycle']} | {decision} | {c.get('policy_step') or '–'} | {served.get('version', '–')} | {ci(vb, 'win_rate')} | {ci(vp, 'win_rate')}{prev} | "
             f"{(vb or {}).get('pairs', '–')} | {fmt(served.get('mean_words'), '.1f')} | {fmt(served.get('ended'), '.2f')} | "
             f"{fmt(c.get('kl_parent'), '.2f')} / {fmt(c.get('kl_base'), '.2f')} | "
             f"{ci(c, 'reward_val_accuracy')} (n={na(c.get('reward_val_pairs'))}) | "
@@ -940,7 +955,7 @@ def main() -> None:
                 c["trainer"] = {"exit_code": rc, "cycles_log": entry}
                 version = c["version"]
                 manifest = read_json(files["adapters_dir"] / version / "manifest.json") if version else {}
-                c["ppo"] = {"stop_reason": manifest.get("stop_reason"), "seconds": manifest.get("seconds"), "metrics": manifest.get("metrics")}
+                c["policy"] = {key: manifest.get(key) for key in ("policy_step", "sft_first", "sft_skipped", "rows", "prompts", "stop_reason", "seconds", "metrics")}
                 rmanifest = read_json(files["reward_dir"] / c["reward_version"] / "manifest.json") if c["reward_version"] else {}
                 c["reward_model"] = {"version": c["reward_version"], **{key: rmanifest.get(key) for key in ("examples", "metrics", "seconds")}}
                 print(f"  cycle {k} {c['decision']} {version or ''} after {ph['trainer']:.0f}s (exit code {rc}): "
@@ -948,7 +963,7 @@ def main() -> None:
                 print(f"  reward model {na(c['reward_version'])}: val accuracy {ci(c, 'reward_val_accuracy')} (n={na(c['reward_val_pairs'])}), "
                       f"decisive pairs {na(c['decisive_pairs'])} (min {na(c['min_decisive_pairs'])}); judge {na(c['judge_version'])}: "
                       f"gate win rate {ci(c, 'gate_win_rate')} on {na(c['gate_prompts'])} prompts; KL parent {fmt(c['kl_parent'], '.2f')}, "
-                      f"base {fmt(c['kl_base'], '.2f')}; {ppo_line(c['ppo']['metrics'], c['ppo']['stop_reason'])}", flush=True)
+                      f"base {fmt(c['kl_base'], '.2f')}; {step_line(manifest)}", flush=True)
 
                 # c. when promoted: the app swaps, and the held-out prompts are measured on the new adapter
                 promoted = promoted_version(entry)

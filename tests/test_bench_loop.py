@@ -242,5 +242,5 @@ def test_summary_without_promotions_and_for_the_control():
     assert s["promotions"] == 0 and s["regressions"] == 0 and s["served_version"] == "base" and s["win_rate_vs_base"] is None
     assert loop.summarize(cycles, [], control=True)["headline"] == "control (coin-flip users): promotions: 0 of 1 cycles"
     table = loop.cycle_table({"replies": {"mean_words": 50.0, "ended": 0.8}, "seconds": 12.0}, cycles)
-    assert len(table) == 4 and "| 1 | rejected | base | – | – |" in table[3]
+    assert len(table) == 4 and "| 1 | rejected | – | base | – | – |" in table[3]
     assert loop.summary_table(s, "shorter")[2].startswith("| shorter | 1 |")

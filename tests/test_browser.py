@@ -4,9 +4,14 @@ back to check that what the user did in the page was stored.
 
 One walk through the page, as a user would do it:
   name + profile, Save -> temperature 0 in Settings -> ask a question (Enter) and
-  watch the reply stream in -> thumbs up on it -> edit it through the Chatbot's
-  edit control -> Compare on, send, pick "A is better", see the adapter versions
-  revealed -> send a message full of HTML and check it is shown as text, not run.
+  watch the reply stream in -> type a reason, thumbs up (the reason box empties) ->
+  edit it through the Chatbot's edit control -> mode Compare, send, see both sides as
+  chat messages side by side, pick "A is better", see the adapter versions revealed ->
+  send a message full of HTML and check it is shown as text, not run.
+
+A walk in Rank mode, on the tiny model: send, see k replies side by side, give two of
+them the same place and be told, fix the places, save, and find the ranking (and how
+each reply was sampled and where it was shown) in the database.
 
 A second walk, on the tiny model with two published adapters (v000002 serving, v000001
 its parent): open the Dashboard tab, see a wrong password show nothing, log in, see the
@@ -51,6 +56,7 @@ ACTION_S = 90  # generous: the CPU may be shared with other work
 NAME = "Ada Browser"
 PROFILE = "QA engineer"
 QUESTION = "What is the capital of France?"
+WHY = "names the city at once"
 EDITED = "Paris is the capital of France, edited by hand."
 COMPARE_MSG = "Name one primary colour."
 HTML_MSG = '<img src=x onerror="window.__pwned=1"><b>bold?</b>'
@@ -143,24 +149,20 @@ def _toasts(page) -> str:
 
 
 @pytest.mark.e2e
-def test_chat_feedback_in_browser(tmp_path):
-    _require(CHROMIUM.exists(), f"no Chromium at {CHROMIUM} (install it with `make browser`)")
+def _in_browser(app_args: tuple, tmp_path: Path, log_path: Path, walk, shot_name: str) -> None:
+    """Start the app with `app_args`, open it in headless Chromium and run `walk(page, url)`;
+    on failure print a screenshot path, the toasts, page errors and the app log's tail."""
     sync_playwright = _sync_playwright()
-    prepare_default_model(REPO / "data" / "models")
-
-    db_path = tmp_path / "feedback.db"
-    log_path = tmp_path / "app.log"
-    args = ("--db", str(db_path), "--adapters-dir", str(tmp_path / "adapters"), "--max-new-tokens", "24")
-    with running_app(*args, log_path=log_path) as url, sync_playwright() as p:
+    with running_app(*app_args, log_path=log_path) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1400})
         page.set_default_timeout(ACTION_S * 1000)
         console_errors: list[str] = []
         page.on("pageerror", lambda exc: console_errors.append(str(exc)))
         try:
-            _walk_through(page, url)
-            page.screenshot(path=str(tmp_path / "final.png"), full_page=True)
-            _check_database(db_path)
+            walk(page, url)
+            page.screenshot(path=str(tmp_path / shot_name), full_page=True)
+            assert not console_errors, console_errors
         except BaseException:
             shot = tmp_path / "failure.png"
             try:
@@ -173,6 +175,19 @@ def test_chat_feedback_in_browser(tmp_path):
             raise
         finally:
             browser.close()
+
+
+def test_chat_feedback_in_browser(tmp_path):
+    _require(CHROMIUM.exists(), f"no Chromium at {CHROMIUM} (install it with `make browser`)")
+    prepare_default_model(REPO / "data" / "models")
+    db_path = tmp_path / "feedback.db"
+    args = ("--db", str(db_path), "--adapters-dir", str(tmp_path / "adapters"), "--max-new-tokens", "24")
+
+    def walk(page, url):
+        _walk_through(page, url)
+        _check_database(db_path)
+
+    _in_browser(args, tmp_path, tmp_path / "app.log", walk, "final.png")
 
 
 def _walk_through(page, url: str) -> None:
@@ -214,11 +229,13 @@ def _walk_through(page, url: str) -> None:
     assert partial, f"the reply did not grow while streaming; texts seen: {texts}"
     assert page.locator("#message textarea").input_value() == "", "the message box was not cleared"
 
-    # -- thumbs up on the reply
+    # -- thumbs up on the reply, with a reason; the reason box empties so it cannot stick to the next vote
+    page.locator("#reason textarea").fill(WHY)
     first_buttons = page.locator(BOT_BUTTONS).nth(0)
     first_buttons.locator('button[aria-label="Like"]').click()
     _wait_text(page, "#status", "recorded")
     assert "👍" in page.inner_text("#status")
+    page.wait_for_function("() => document.querySelector('#reason textarea').value === ''")
 
     # -- edit the reply through the Chatbot's own edit control
     first_buttons.locator('button[aria-label="Edit"]').click()
@@ -232,15 +249,18 @@ def _walk_through(page, url: str) -> None:
         arg=[BOT, EDITED],
     )
 
-    # -- side-by-side comparison: two replies, pick A, the versions are revealed
-    page.locator("#compare input[type=checkbox]").check()
+    # -- side-by-side comparison: two replies shown as chat messages, pick A, the versions are revealed
+    page.locator('#mode input[value="compare"]').check()
     _send(page, COMPARE_MSG)
     _wait_text(page, "#status", "Which reply is better?", REPLY_S)
     for side in ("#reply-a", "#reply-b"):
-        assert page.locator(f"{side} textarea").input_value().strip(), f"{side} stayed empty"
+        assert page.locator(f'{side} [data-testid="bot"]').inner_text().strip(), f"{side} stayed empty"
     for button in ("#pick-a", "#pick-b", "#pick-tie", "#pick-both-bad"):
         assert page.locator(button).is_visible(), f"{button} is not visible"
-    chosen = page.locator("#reply-a textarea").input_value().strip()
+    box_a, box_b = page.locator("#reply-a").bounding_box(), page.locator("#reply-b").bounding_box()
+    assert abs(box_a["width"] - box_b["width"]) < 2 and abs(box_a["y"] - box_b["y"]) < 2, (box_a, box_b)  # side by side, same width
+    assert box_b["x"] >= box_a["x"] + box_a["width"] - 2, (box_a, box_b)
+    chosen = page.locator('#reply-a [data-testid="bot"]').inner_text().strip()
     page.locator("#pick-a").click()
     _wait_text(page, "#status", "A came from adapter")
     status = page.inner_text("#status")
@@ -250,7 +270,7 @@ def _walk_through(page, url: str) -> None:
     n_bots = page.locator(BOT).count()
 
     # -- markup in a message is shown as text, never executed
-    page.locator("#compare input[type=checkbox]").uncheck()
+    page.locator('#mode input[value="chat"]').check()
     _send(page, HTML_MSG)
     page.wait_for_function(
         "([sel, n]) => document.querySelectorAll(sel).length >= n", arg=[USER, 3],
@@ -285,7 +305,7 @@ def _check_database(db_path: Path) -> None:
     assert "Paris" in first["text"], first["text"]
     assert first["text"].strip() != EDITED
     votes = _db_rows(db_path, "SELECT * FROM votes WHERE reply_id = ? AND user_id = ?", first["id"], user_id)
-    assert len(votes) == 1 and votes[0]["value"] == 1, [dict(v) for v in votes]
+    assert len(votes) == 1 and votes[0]["value"] == 1 and votes[0]["reason"] == WHY, [dict(v) for v in votes]
     corrections = _db_rows(db_path, "SELECT * FROM corrections")
     assert len(corrections) == 1, [dict(c) for c in corrections]
     assert corrections[0]["text"] == EDITED
@@ -301,11 +321,90 @@ def _check_database(db_path: Path) -> None:
     a, b = by_id[c["reply_a_id"]], by_id[c["reply_b_id"]]
     assert a["source"] == b["source"] == "compare"
     assert a["context"] == b["context"]
+    pa, pb = json.loads(a["params"]), json.loads(b["params"])
+    assert (pa["side"], pb["side"]) == ("A", "B") and pa["variant"] == pb["variant"] == "temperature-spread", (pa, pb)
+    assert pa["user_temperature"] == pb["user_temperature"] == 0 and {pa["temperature"], pb["temperature"]} == {0, 0.3}, (pa, pb)
     assert EDITED in a["context"], "the compared replies do not continue from the edited reply"
 
     # the HTML message was stored as sent
     messages = _db_rows(db_path, "SELECT content FROM messages WHERE role = 'user' ORDER BY id")
     assert [m["content"] for m in messages][-1] == HTML_MSG
+
+
+# -- Rank mode ------------------------------------------------------------------------------
+
+RANK_MSG = "Rank these replies."
+RANK_K = 3
+
+
+@pytest.mark.e2e
+def test_rank_replies_in_browser(tmp_path, tiny_dir):
+    _require(CHROMIUM.exists(), f"no Chromium at {CHROMIUM} (install it with `make browser`)")
+    db_path = tmp_path / "feedback.db"
+    log_path = tmp_path / "app.log"
+    args = ("--model", str(tiny_dir), "--db", str(db_path), "--adapters-dir", str(tmp_path / "adapters"),
+            "--max-new-tokens", "8", "--rank-k", str(RANK_K))
+
+    def walk(page, url):
+        _rank_walk_through(page, url)
+        _check_ranking(db_path)
+
+    _in_browser(args, tmp_path, log_path, walk, "rank.png")
+
+
+def _place(page, reply: int, label: str) -> None:
+    page.locator(f"#rank-place-{reply}").get_by_text(label, exact=True).click()
+
+
+def _rank_walk_through(page, url: str) -> None:
+    page.goto(url)
+    page.locator("#message textarea").wait_for(state="visible", timeout=START_S * 1000)
+    page.locator("#user-name textarea, #user-name input").first.fill(NAME)
+    page.locator("#save-user").click()
+    _wait_text(page, "#status", f"Giving feedback as {NAME}")
+
+    # -- Rank mode: k replies to one message, side by side
+    page.locator('#mode input[value="rank"]').check()
+    _send(page, RANK_MSG)
+    _wait_text(page, "#status", f"Put the {RANK_K} replies in order", REPLY_S)
+    boxes = [page.locator(f"#rank-reply-{i}").bounding_box() for i in range(1, RANK_K + 1)]
+    assert all(b and abs(b["y"] - boxes[0]["y"]) < 2 and abs(b["width"] - boxes[0]["width"]) < 2 for b in boxes), boxes
+    assert page.locator("#compare-row").is_hidden()
+
+    # -- two replies in one place is refused, and nothing is stored
+    _place(page, 1, "1st (best)")
+    _place(page, 2, "1st (best)")
+    _place(page, 3, "3rd (worst)")
+    page.locator("#rank-save").click()
+    page.locator(".toast-body", has_text="Each place goes to one reply").first.wait_for()
+    assert page.locator("#rank-row").is_visible()
+
+    # -- reply 3 is best, then reply 1, then reply 2
+    _place(page, 1, "2nd")
+    _place(page, 2, "3rd (worst)")
+    _place(page, 3, "1st (best)")
+    page.locator("#rank-save").click()
+    _wait_text(page, "#status", "Ranking saved: reply 3 > 1 > 2 (3 preference pairs)")
+    page.locator("#rank-row").wait_for(state="hidden")
+    for i in range(1, RANK_K + 1):  # the places are cleared for the next ranking
+        assert page.locator(f"#rank-place-{i} input:checked").count() == 0
+
+
+def _check_ranking(db_path: Path) -> None:
+    [user] = _db_rows(db_path, "SELECT id FROM users WHERE name = ?", NAME)
+    rankings = _wait_rows(db_path, "SELECT * FROM rankings", 1)
+    assert len(rankings) == 1 and rankings[0]["user_id"] == user["id"], [dict(r) for r in rankings]
+    reply_ids = json.loads(rankings[0]["reply_ids"])
+    by_id = {r["id"]: r for r in _db_rows(db_path, "SELECT * FROM replies")}
+    assert len(reply_ids) == RANK_K and set(reply_ids) == set(by_id), (reply_ids, list(by_id))
+    ranked = [by_id[i] for i in reply_ids]
+    assert {r["source"] for r in ranked} == {"rank"} and len({r["context"] for r in ranked}) == 1
+    assert RANK_MSG in ranked[0]["context"]
+    params = [json.loads(r["params"]) for r in ranked]
+    assert [p["position"] for p in params] == [3, 1, 2], params  # best first: shown 3rd, then 1st, then 2nd
+    assert {p["variant"] for p in params} == {"temperature-spread"}, params
+    assert sorted(p["temperature"] for p in params) == [0.4, 0.7, 1.0] and {p["user_temperature"] for p in params} == {0.7}, params
+    assert _db_rows(db_path, "SELECT COUNT(*) AS n FROM comparisons")[0]["n"] == 0  # the refused attempt stored nothing
 
 
 # -- the administrators' dashboard ---------------------------------------------------------
@@ -346,36 +445,18 @@ def _dashboard_files(tmp_path: Path, trained_peft) -> dict[str, Path]:
 @pytest.mark.e2e
 def test_dashboard_login_and_rollback_in_browser(tmp_path, tiny_dir, trained_peft):
     _require(CHROMIUM.exists(), f"no Chromium at {CHROMIUM} (install it with `make browser`)")
-    sync_playwright = _sync_playwright()
     files = _dashboard_files(tmp_path, trained_peft)
     log_path = tmp_path / "app.log"
     args = ("--model", str(tiny_dir), "--db", str(files["feedback.db"]), "--adapters-dir", str(files["adapters"]),
             "--reward-dir", str(files["reward"]), "--lock-file", str(files["trainer.lock"]),
             "--cycles-log", str(files["cycles.jsonl"]), "--admin-password", ADMIN_PASSWORD, "--max-new-tokens", "8")
-    with running_app(*args, log_path=log_path) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1400})
-        page.set_default_timeout(ACTION_S * 1000)
-        console_errors: list[str] = []
-        page.on("pageerror", lambda exc: console_errors.append(str(exc)))
-        try:
-            _dashboard_walk_through(page, url)
-            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
-            replies = _wait_rows(files["feedback.db"], "SELECT adapter_version FROM replies ORDER BY id", 3)
-            assert replies[-1]["adapter_version"] == "v000001", [dict(r) for r in replies]
-            assert not console_errors, console_errors
-        except BaseException:
-            shot = tmp_path / "failure.png"
-            try:
-                page.screenshot(path=str(shot), full_page=True)
-            except Exception:  # noqa: BLE001 - the page may be gone; the log still helps
-                pass
-            print(f"\n[browser test] screenshot: {shot}\n[browser test] toasts: {_toasts(page)}"
-                  f"\n[browser test] page errors: {console_errors}"
-                  f"\n[browser test] app log ({log_path}), last lines:\n{log_path.read_text()[-3000:]}")
-            raise
-        finally:
-            browser.close()
+
+    def walk(page, url):
+        _dashboard_walk_through(page, url)
+        replies = _wait_rows(files["feedback.db"], "SELECT adapter_version FROM replies ORDER BY id", 3)
+        assert replies[-1]["adapter_version"] == "v000001", [dict(r) for r in replies]
+
+    _in_browser(args, tmp_path, log_path, walk, "dashboard.png")
 
 
 def _dashboard_walk_through(page, url: str) -> None:

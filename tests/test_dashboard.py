@@ -376,3 +376,60 @@ def test_dashboard_is_locked_without_a_password(deps):
     config = json.dumps(build_demo(deps).config, default=str)
     assert '"dashboard-locked"' in config and "ASSISTANT_ADMIN_PASSWORD" in config
     assert '"admin-password"' not in config and '"rollback"' not in config
+
+
+# -- tie rates -----------------------------------------------------------------------------
+
+
+def sampled(store: FeedbackStore, conversation_id: str, version: str, variant: str | None, source: str) -> int:
+    params = {"temperature": 0.7} if variant is None else {"temperature": 0.7, "variant": variant}
+    return store.add_reply(
+        conversation_id=conversation_id, context=CTX, text=f"a reply by {version}", params=params, model="tiny",
+        adapter_version=version, prompt_tokens=3, completion_tokens=4, latency_ms=5.0, ttft_ms=1.0,
+        finish_reason="stop", source=source,
+    )
+
+
+def test_wilson_interval_matches_known_values():
+    assert dashboard.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert dashboard.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert dashboard.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_tie_rates_count_tied_pairs_per_version_mode_and_variant(store):
+    ada = store.ensure_user("ada")
+    cid = store.new_conversation(ada)
+    spread = [sampled(store, cid, "base", "temperature-spread", "compare") for _ in range(2)]
+    for choice in ("tie", "tie", "both_bad", "a"):  # 4 compared pairs: 2 ties
+        store.add_comparison(*spread, choice, ada)
+    live = [sampled(store, cid, v, "live-candidate", "compare") for v in ("base", "v000001")]
+    store.add_comparison(*live, "tie", ada)  # one pair, counted for both versions
+    store.add_comparison(*live, "b", ada)
+    ranked = [sampled(store, cid, "base", "temperature-spread", "rank") for _ in range(3)]
+    store.add_ranking(ranked, ada)  # 3 decisive pairs
+    store.add_ties(ranked, ada)  # 3 tied pairs
+    four = [sampled(store, cid, "base", "temperature-spread", "rank") for _ in range(4)]
+    store.add_ranking(four, ada)  # 6 decisive pairs
+    old = [sampled(store, cid, "base", None, "compare") for _ in range(2)]
+    store.add_comparison(*old, "tie", ada)  # stored before replies recorded their variant
+    store.import_pair(CTX, "4", "5", "pairs.jsonl")  # never counted
+    df = dashboard.tie_rates(con(store))
+    got = {(r.version, r.mode, r.variant): (r.pairs, r.ties, r.both_bad) for r in df.itertuples()}
+    assert got == {
+        ("base", "compare", "temperature-spread"): (4, 2, 1),
+        ("base", "compare", "live-candidate"): (2, 1, 0),
+        ("v000001", "compare", "live-candidate"): (2, 1, 0),
+        ("base", "rank", "temperature-spread"): (3 + 3 + 6, 3, 0),
+        ("base", "compare", dashboard.NOT_RECORDED): (1, 1, 0),
+    }
+    row = df.set_index(["version", "mode", "variant"]).loc[("base", "rank", "temperature-spread")]
+    assert row["tie_rate"] == pytest.approx(3 / 12)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(dashboard.wilson(3, 12))
+    assert row["ci_low"] < 0.25 < row["ci_high"]
+
+
+def test_tie_table_is_shown_after_login(deps):
+    shown = values(dashboard.login(deps, PASSWORD))
+    assert isinstance(shown["tie_table"], pd.DataFrame)
+    assert list(shown["tie_table"].columns) == ["version", "mode", "variant", "pairs", "ties", "both_bad", "tie_rate", "ci_low", "ci_high"]
+    assert dashboard.blank()["tie_table"]["value"] is None

@@ -15,7 +15,8 @@ import pytest
 
 from assistant.feedback import FeedbackStore, StoreUnavailable
 from trainer.data import (
-    Examples, Pair, Pointwise, build_examples, import_preferences, prompt_messages, read_snapshot, split, to_prompt,
+    Examples, Pair, Pointwise, build_examples, import_preferences, prompt_messages, read_preference_file, read_snapshot, split,
+    to_prompt,
 )
 
 CTX = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
@@ -97,6 +98,27 @@ def test_ranking_gives_every_implied_pair(store, chat):
     assert directions(examples) == {("Four.", "4"), ("Four.", "Five."), ("4", "Five.")}
     assert {p.kind for p in examples.pairs} == {"ranking"}
     assert examples.counts["ranking"] == 1
+
+
+def test_rank_mode_feedback_round_trips_through_the_exports(store, chat, tmp_path):
+    ranked = [store.add_reply(conversation_id=chat.conv, context=CTX, text=text, params={"temperature": t, "variant": "temperature-spread"},
+                              model="SmolLM2-135M-Instruct", adapter_version="base", prompt_tokens=12, completion_tokens=3,
+                              latency_ms=41.5, ttft_ms=9.25, finish_reason="stop", source="rank")
+              for text, t in (("Four.", 0.7), ("4", 1.0), ("Five.", 0.4))]
+    store.add_ranking(ranked, chat.user)
+    store.add_ties(ranked, chat.users[1])  # someone else could not tell them apart
+    store.set_vote(ranked[0], chat.user, -1, reason="Too long")
+    examples = examples_of(store)
+    assert directions(examples) == {("Four.", "4"), ("Four.", "Five."), ("4", "Five.")}
+    assert examples.counts["tie"] == 3
+    pref, kto = tmp_path / "pref.jsonl", tmp_path / "kto.jsonl"
+    assert store.export("preference", pref) == 3
+    pairs, errors = read_preference_file(pref)  # the exported file is one the trainer's import reads
+    assert errors == [] and [(chosen, rejected) for _, chosen, rejected in pairs] == [("Four.", "4"), ("Four.", "Five."), ("4", "Five.")]
+    assert {json.dumps(prompt) for prompt, _, _ in pairs} == {json.dumps(CTX)}
+    store.export("kto", kto)
+    assert [json.loads(line) for line in kto.read_text().splitlines()] == [
+        {"prompt": CTX, "completion": [{"role": "assistant", "content": "Four."}], "label": False, "reason": "Too long"}]
 
 
 def test_votes_give_pointwise_labels(store, chat):

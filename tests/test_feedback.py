@@ -121,6 +121,63 @@ def test_failed_migration_changes_nothing(tmp_path, monkeypatch):
     assert query(path, "SELECT MAX(version) FROM schema_version") == [(len(MIGRATIONS),)]
 
 
+def dump(path: Path) -> dict[str, list[tuple]]:
+    """Every row of every feedback table, by table."""
+    return {table: query(path, f"SELECT * FROM {table} ORDER BY id") for table in feedback.TABLES + ("imports",)}
+
+
+def test_v3_migration_keeps_every_row_and_id_and_allows_rank_replies(tmp_path, monkeypatch):
+    path = tmp_path / "feedback.db"
+    with monkeypatch.context() as m:  # a database written by the code of schema version 2
+        m.setattr(feedback, "MIGRATIONS", MIGRATIONS[:2])
+        with FeedbackStore(path) as old:
+            user = old.ensure_user("ada", profile="physician")
+            conv = old.new_conversation(user, system_prompt="Be brief.")
+            old.add_message(conv, "user", "What is 2+2?")
+            r1, r2, r3 = (add_reply(old, conv, text) for text in ("4", "Four.", "It is four."))
+            old.set_vote(r1, user, -1, reason="Too short")
+            old.add_comparison(r1, r2, "b", user)
+            old.add_correction(r1, "2 + 2 = 4.", user)
+            old.add_ranking([r3, r2, r1], user)
+            old.import_pair([{"role": "user", "content": "Hi"}], "Hello!", "Go away.", "pairs.jsonl")
+            with pytest.raises(FeedbackError, match="CHECK"):
+                add_reply(old, conv, "Four!", source="rank")  # the old schema refuses it
+            assert old.schema_version() == 2
+    before = dump(path)
+    with FeedbackStore(path) as store:
+        assert store.schema_version() == len(MIGRATIONS) == 3
+        assert dump(path) == before  # every row, every id, every value
+        r4 = add_reply(store, conv, "Four!", source="rank")
+        assert r4 == max(r for (r, *_) in before["replies"]) + 1
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            store.db().execute("UPDATE replies SET source = 'magic' WHERE id = ?", [r4])
+        assert store.db().execute("PRAGMA foreign_keys").fetchone() == (1,)  # back on after the migration
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+            store.db().execute("INSERT INTO votes (reply_id, user_id, value, created_at, updated_at) VALUES (999, ?, 1, 'x', 'x')", [user])
+        store.set_vote(r2, user, 1)  # the references still resolve through the rebuilt table
+        out = tmp_path / "pref.jsonl"
+        assert store.export("preference", out) == 1 + 1 + 3 + 1  # comparison, correction, ranking pairs, import
+    assert query(path, "PRAGMA foreign_key_check") == []
+    assert query(path, "PRAGMA integrity_check") == [("ok",)]
+    assert query(path, "SELECT name FROM sqlite_master WHERE tbl_name = 'replies' AND type = 'index'") == [("idx_replies_conversation_id",)]
+
+
+def test_migration_that_would_leave_broken_references_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "feedback.db"
+    with monkeypatch.context() as m:
+        m.setattr(feedback, "MIGRATIONS", MIGRATIONS[:2])
+        FeedbackStore(path).close()
+    conn = sqlite3.connect(path)  # foreign keys off, as any other program opens it
+    conn.execute("INSERT INTO users (id, name, created_at) VALUES (1, 'ada', 'x')")
+    conn.execute("INSERT INTO votes (reply_id, user_id, value, created_at, updated_at) VALUES (999, 1, 1, 'x', 'x')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreUnavailable, match="broken reference"):
+        FeedbackStore(path)
+    assert query(path, "SELECT MAX(version) FROM schema_version") == [(2,)]
+    assert "'rank'" not in query(path, "SELECT sql FROM sqlite_master WHERE name = 'replies'")[0][0]
+
+
 def test_database_newer_than_the_code_is_refused(tmp_path):
     path = tmp_path / "feedback.db"
     FeedbackStore(path).close()
@@ -306,6 +363,26 @@ def test_correction_must_change_the_reply(store, chat, text, message):
     assert store.counts()["corrections"] == 0
 
 
+def test_replies_may_come_from_a_ranking(store, chat):
+    assert store.get_reply(add_reply(store, chat.conv, "Four!", source="rank"))["source"] == "rank"
+
+
+def test_add_ties_stores_every_pair_as_a_tie_in_one_write(store, chat, tmp_path):
+    r4 = add_reply(store, chat.conv, "It is four.", source="rank")
+    ids = store.add_ties([chat.r1, chat.r2, r4], chat.user)
+    assert query(store.path, "SELECT id, reply_a_id, reply_b_id, choice FROM comparisons ORDER BY id") == [
+        (ids[0], chat.r1, chat.r2, "tie"), (ids[1], chat.r1, r4, "tie"), (ids[2], chat.r2, r4, "tie")]
+    assert store.export("preference", tmp_path / "pref.jsonl") == 0  # a tie prefers nothing
+
+
+def test_bad_tie_stores_nothing(store, chat):
+    with pytest.raises(FeedbackError, match="different contexts"):
+        store.add_ties([chat.r1, chat.r2, chat.r3], chat.user)  # r3's context differs: not even the first pair is kept
+    with pytest.raises(FeedbackError, match="at least 2"):
+        store.add_ties([chat.r1], chat.user)
+    assert store.counts()["comparisons"] == 0
+
+
 def test_add_ranking_stores_ids_best_first(store, chat):
     r4 = add_reply(store, chat.conv, "It is four.")
     ranking = store.add_ranking([r4, chat.r1, chat.r2], chat.user)
@@ -371,9 +448,20 @@ def test_export_kto_labels_from_current_votes(store, chat, tmp_path):
     out = tmp_path / "kto.jsonl"
     assert store.export("kto", out) == 2
     assert read_jsonl(out) == [
-        {"prompt": CTX, "completion": assistant("4"), "label": True},
-        {"prompt": CTX, "completion": assistant("Four."), "label": False},
+        {"prompt": CTX, "completion": assistant("4"), "label": True, "reason": ""},
+        {"prompt": CTX, "completion": assistant("Four."), "label": False, "reason": "verbose"},
     ]
+
+
+def test_export_kto_carries_the_reason_of_the_current_vote_only(store, chat, tmp_path):
+    store.set_vote(chat.r1, chat.user, -1, reason="Too long; rambles")
+    store.set_vote(chat.r1, chat.user, 1)  # changed without a reason: the old reason does not stay
+    store.set_vote(chat.r2, chat.user, -1, reason="Incorrect")
+    out = tmp_path / "kto.jsonl"
+    store.export("kto", out)
+    assert [(row["label"], row["reason"]) for row in read_jsonl(out)] == [(True, ""), (False, "Incorrect")]
+    assert query(store.path, "SELECT value, reason FROM vote_events ORDER BY id") == [
+        (-1, "Too long; rambles"), (1, ""), (-1, "Incorrect")]
 
 
 def test_export_sft_from_upvotes_winners_and_corrections(store, chat, tmp_path):

@@ -237,3 +237,21 @@ def test_sft_first_then_dpo_records_both_stages_and_starts_from_the_parent(tiny_
     version, manifest = steps.run_policy(model_args, DataArgs(db=str(tmp_path / "none.db")), RewardArgs(), ppo_args, pa, progress=False, examples=ex)
     assert version == "v000002" and manifest["parent"] == "v000001" and manifest["sft_first"] is True
     assert manifest["rows"] == {"sft": len(corrections().pairs), "dpo": len(ex.pairs)}
+
+
+def test_sft_first_then_ppo_starts_ppo_from_the_sft_result_and_records_both(tiny_args, tmp_path):
+    model_args = tiny_args()
+    pa, ppo_args = settings(tmp_path, policy_step="ppo", sft_first=True)
+    ppo_args = dataclasses.replace(ppo_args, ppo_iterations=1, ppo_batch_size=4, mini_batch_size=2)
+    version, manifest = steps.run_policy(model_args, DataArgs(db=str(tmp_path / "none.db")), RewardArgs(), ppo_args, pa, progress=False,
+                                         reward_fn=length_reward, reward_version="scripted", examples=corrections(),
+                                         prompts=[[{"role": "user", "content": p}] for p in PROMPTS])
+    assert manifest["policy_step"] == "ppo" and manifest["sft"]["rows"] == len(PROMPTS) and len(manifest["metrics"]) == 1
+    adapters.validate(tmp_path / "adapters" / version, lora_config(model_args))
+
+
+def test_sft_first_without_enough_demonstrations_is_skipped_and_says_so(tiny_args, tmp_path):
+    pa, ppo_args = settings(tmp_path, policy_step="dpo", sft_first=True)
+    version, manifest = steps.run_policy(tiny_args(), DataArgs(db=str(tmp_path / "none.db")), RewardArgs(), ppo_args, pa, progress=False,
+                                         examples=preference())
+    assert manifest["rows"] == {"dpo": len(PROMPTS)} and manifest["sft_skipped"].startswith("0 demonstrations")

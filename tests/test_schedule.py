@@ -484,15 +484,16 @@ def test_plumbing_a_cycle_with_another_policy_step_trains_on_fold_a_and_the_serv
 
     n = give_feedback(loop, rounds=1)
     result = schedule.run_cycle(*loop.settings(**PLUMBING), progress=False, policy_args=PolicyArgs(policy_step=step))
-    assert result.decision == "promoted" and result.policy_step == step, result.summary()
+    assert result.decision == "promoted" and result.policy_step == f"{step} after sft", result.summary()  # corrections: SFT first
     manifest = adapters.read_manifest(loop.adapters_dir, result.version)
     assert manifest["policy_step"] == step and manifest["kind"] == step and manifest["judge_model"] == result.judge_version
+    assert manifest["sft_first"] and manifest["rows"]["sft"] > 0
     assert manifest["feedback_ids"]["comparisons"] == [1, n] and manifest["reward_model"] is None  # DPO/KTO need no reward model
     from trainer.data import build_examples, read_snapshot
     fold_a, fold_b = folds(build_examples(read_snapshot(loop.root / "feedback.db")))
     expected = len(fold_a.pairs) if step == "dpo" else None
     if expected is not None:
-        assert manifest["rows"] == {"dpo": expected} and 0 < expected < 2 * n  # fold A only: fold B judges
+        assert manifest["rows"]["dpo"] == expected and 0 < expected < 2 * n  # fold A only: fold B judges
     assert result.evaluation["human_agreement"]["n"] == len(fold_b.pairs)
     loop.wait_serving(result.version)
-    assert cycles.read(loop.root / "cycles.jsonl")[-1]["policy_step"] == step
+    assert cycles.read(loop.root / "cycles.jsonl")[-1]["policy_step"] == f"{step} after sft"

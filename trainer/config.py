@@ -115,7 +115,7 @@ class PPOArgs:
 @dataclass
 class PolicyArgs:
     policy_step: str = _f("ppo", "how a cycle improves the adapter: ppo, dpo, kto, sft, grpo or rloo (see the README's \"which policy step when\")")
-    sft_first: bool = _f(False, "run SFT on the demonstrations (corrections, 👍 replies, --demonstrations) before the policy step")
+    sft_first: bool = _f(True, "run SFT on the demonstrations (corrections, 👍 replies, --demonstrations) before the policy step; skipped with fewer than --min-policy-rows")
     demonstrations: str = _f("", "JSONL file of demonstrations in TRL's messages format, added to SFT's data")
     reward_functions: str = _f("", "Python file of reward_* functions added to the reward model's score (PPO, GRPO, RLOO); see trainer/reward_functions.py")
     policy_lr: float = _f(2e-4, "AdamW learning rate of DPO, KTO, GRPO and RLOO on the LoRA adapter")

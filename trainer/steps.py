@@ -213,7 +213,7 @@ def run_policy(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
     set). Reward functions and demonstrations are loaded and checked before any training."""
     from assistant import adapters
     from trainer import policy, rewards
-    from trainer.data import build_examples
+    from trainer.data import Examples, build_examples
 
     started = time.perf_counter()
     step = policy_args.policy_step
@@ -233,9 +233,17 @@ def run_policy(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
     parent, parent_dir, _ = policy.parent_of(ppo_args.adapters_dir)
     model, tokenizer = policy.build_policy(model_args, parent_dir)
     stages = {}
-    if policy_args.sft_first or step == "sft":
+    sft_rows = len(policy.sft_rows(examples or Examples(), demos))
+    if step == "sft" or (policy_args.sft_first and sft_rows >= policy_args.min_policy_rows):
         stages["sft"] = policy.train_step("sft", model, tokenizer, policy_args, ppo_args, examples=examples, demonstrations=demos, progress=progress)
         log.info("SFT on %d demonstrations in %.0fs", stages["sft"]["rows"], stages["sft"]["seconds"])
+    elif policy_args.sft_first:
+        info["sft_skipped"] = f"{sft_rows} demonstrations, fewer than --min-policy-rows {policy_args.min_policy_rows}"
+        log.info("SFT skipped: %s", info["sft_skipped"])
+    if step == "ppo" and "sft" not in stages:
+        del model
+        return run_ppo(model_args, data_args, reward_args, ppo_args, progress=progress, reward_fn=reward_fn, reward_version=reward_version,
+                       prompts=prompts, snapshot=snapshot, reward_functions=funcs, extra=info)
     if step == "ppo":
         with tempfile.TemporaryDirectory(prefix="sft-") as start:
             model.save_pretrained(start)
