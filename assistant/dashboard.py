@@ -304,6 +304,15 @@ def kl_by_version(manifests: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["version", "series", "kl"]).astype({"version": str, "series": str, "kl": float})
 
 
+def _step(manifest: dict) -> str:
+    """How a version was trained: its policy step, with "sft + " when SFT ran first."""
+    step = manifest.get("policy_step") or manifest.get("kind") or ""
+    if step == "sft":
+        return step
+    sft_ran = "sft" in (manifest.get("rows") or {}) or "sft" in manifest  # TRL steps' rows; PPO's "sft" stage
+    return f"sft + {step}" if sft_ran else step
+
+
 def versions_table(manifests: list[dict], serving: str, live: str | None) -> pd.DataFrame:
     """The adapter versions, newest first: status, lineage, evaluation and rejection reasons."""
     rows = []
@@ -316,6 +325,8 @@ def versions_table(manifests: list[dict], serving: str, live: str | None) -> pd.
             "status": m.get("status", ""),
             "serving": "serving" if v == serving else "live candidate" if v == live else "",
             "parent": m.get("parent") or "",
+            "policy step": _step(m),
+            "rows used": ", ".join(f"{k} {n}" for k, n in (m.get("rows") or ({"sft": m["sft"]["rows"]} if m.get("sft") else {})).items()),
             "reward model": m.get("reward_model") or "",
             "created": m.get("created_at", ""),
             "judge win rate": _interval(e.get("win_rate"), e.get("win_rate_lo"), e.get("win_rate_hi"), e.get("replies")),
@@ -327,7 +338,7 @@ def versions_table(manifests: list[dict], serving: str, live: str | None) -> pd.
             "live votes": f"{tally['wins']}/{tally['votes']} won" if tally.get("votes") else "",
             "reasons": "; ".join(m.get("reasons") or []),
         })
-    columns = ["version", "status", "serving", "parent", "reward model", "created", "judge win rate", "human agreement", "KL to parent",
+    columns = ["version", "status", "serving", "parent", "policy step", "rows used", "reward model", "created", "judge win rate", "human agreement", "KL to parent",
                "KL to base", "margin", "degenerate", "live votes", "reasons"]
     return pd.DataFrame(rows, columns=columns).astype(str)
 

@@ -193,7 +193,8 @@ def lineage(tmp_path, trained_peft):
     d = tmp_path / "adapters"
     metrics = [{"iteration": 1, "objective/scores": 0.2, "objective/kl": 0.01}]
     v1 = publish(d, trained_peft(seed=1), "default", {"parent": "base", "reward_model": "r000001", "metrics": metrics})
-    v2 = publish(d, trained_peft(seed=2), "default", {"parent": v1, "reward_model": "r000002", "metrics": metrics})
+    v2 = publish(d, trained_peft(seed=2), "default", {"parent": v1, "reward_model": "r000002", "metrics": metrics,
+                                                      "kind": "ppo", "policy_step": "ppo", "sft": {"rows": 7}})
     v3 = publish(d, trained_peft(seed=3), "default", {"parent": v2, "reward_model": "r000003", "metrics": metrics})
     promote(d, v1)
     promote(d, v2, evaluation={"margin": 0.25, "kl_parent": 1.5, "kl_base": 2.25, "degenerate": 0, "replies": 64, "win_rate": 0.7,
@@ -210,6 +211,10 @@ def test_versions_table_from_published_manifests(lineage):
     assert rows["status"].to_dict() == {"v000001": "retired", "v000002": "active", "v000003": "rejected"}
     assert rows["parent"].to_dict() == {"v000001": "base", "v000002": "v000001", "v000003": "v000002"}
     assert rows["reward model"]["v000002"] == "r000002"
+    assert rows["policy step"].to_dict() == {"v000001": "", "v000002": "sft + ppo", "v000003": ""}  # v000001/3: manifests from before policy steps
+    assert rows.loc["v000002", "rows used"] == "sft 7"
+    dpo = {"kind": "dpo", "policy_step": "dpo", "rows": {"sft": 7, "dpo": 31}}
+    assert (dashboard._step(dpo), dashboard._step({"policy_step": "sft", "rows": {"sft": 9}})) == ("sft + dpo", "sft")
     assert rows["serving"].to_dict() == {"v000001": "", "v000002": "serving", "v000003": ""}
     assert rows.loc["v000002", ["judge win rate", "human agreement", "KL to parent", "KL to base", "margin"]].tolist() == [
         "0.70 [0.58, 0.80] n=64", "0.60 [0.45, 0.73] n=40", "1.50", "2.25", "+0.250"]
