@@ -4,6 +4,7 @@
     .venv/bin/python bench/loop.py --preference fuller      # users who like longer, fuller replies
     .venv/bin/python bench/loop.py --preference listy       # users who like replies laid out as a list
     .venv/bin/python bench/loop.py --preference coin        # the control: users who flip a coin
+    .venv/bin/python bench/loop.py --policy-step dpo        # another policy step (labelled: not the default)
     .venv/bin/python bench/loop.py --cycles 2 --feedback-prompts 8 --heldout-prompts 8 --users 2   # smoke run
 
 Everything goes through the real processes, as in production: the app (`app.py`,
@@ -120,6 +121,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models only from local paths
 from gradio_client import Client  # noqa: E402
 
 from assistant.config import DEFAULT_MODEL, ServeArgs  # noqa: E402
+from trainer.config import POLICY_STEPS, PolicyArgs  # noqa: E402  (stdlib-only dataclasses)
 
 SEED_TASKS = ROOT.parent / "shared" / "data" / "seed-tasks.jsonl"
 SYSTEM = "You are a helpful assistant."
@@ -806,6 +808,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=None, help=f"sampling temperature of every message (default: the app's, {serve.temperature})")
     ap.add_argument("--top-p", type=float, default=None, help=f"top-p of every message (default: the app's, {serve.top_p})")
     ap.add_argument("--max-new-tokens", type=int, default=None, help=f"reply cap of every message (default: the app's, {serve.max_new_tokens})")
+    ap.add_argument("--policy-step", default=PolicyArgs.policy_step, choices=POLICY_STEPS,
+                    help=f"the trainer's --policy-step (default: the trainer's own, {PolicyArgs.policy_step}); another one is labelled")
     ap.add_argument("--trainer-args", default="", help="extra flags for `python -m trainer once` (default none: the trainer's own defaults); "
                                                         "results are then labelled as overridden")
     ap.add_argument("--watch-interval", type=float, default=1.0, help="the app's --watch-interval (s)")
@@ -824,7 +828,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")
     given = [a.split("=", 1)[0] for a in shlex.split(args.trainer_args)]
-    for flag in FILE_FLAGS + MODEL_FLAGS:
+    for flag in FILE_FLAGS + MODEL_FLAGS + ("--policy-step",):
         if flag in given:
             ap.error(f"--trainer-args must not set {flag}: the benchmark sets it")
     return args
@@ -833,6 +837,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_labels(args: argparse.Namespace) -> list[str]:
     """'... overridden: ...' for trainer flags and sampling settings that are not the app's defaults."""
     labels = []
+    if args.policy_step != PolicyArgs.policy_step:
+        labels.append(f"policy step {args.policy_step} (the trainer's default is {PolicyArgs.policy_step})")
     if args.trainer_args.strip():
         labels.append(f"trainer settings overridden: {args.trainer_args.strip()}")
     sampling = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("temperature", "top_p", "max_new_tokens") if getattr(args, k) is not None]
@@ -854,7 +860,8 @@ def main() -> None:
     args = parse_args()
     if args.model == DEFAULT_MODEL and not (ROOT / "data" / "models" / DEFAULT_MODEL / "config.json").exists():
         sys.exit(f"error: the default model is not prepared under data/models/{DEFAULT_MODEL}; run `make model` first")
-    out = Path(args.out or ROOT / "bench" / "results" / f"loop-{args.preference}.json")
+    suffix = "" if args.policy_step == PolicyArgs.policy_step else f"-{args.policy_step}"
+    out = Path(args.out or ROOT / "bench" / "results" / f"loop-{args.preference}{suffix}.json")
 
     from tests.server import running_app
 
@@ -873,7 +880,8 @@ def main() -> None:
              "lock_file": tmp / "trainer.lock", "cycles_log": tmp / "cycles.jsonl"}
     model_flags = ["--model", args.model, "--quantize", args.quantize, "--device", args.device]
     file_flags = [x for k, v in files.items() for x in ("--" + k.replace("_", "-"), str(v))]
-    trainer_cmd = [sys.executable, "-m", "trainer", "once", *file_flags, *model_flags, *shlex.split(args.trainer_args)]
+    step_flags = ["--policy-step", args.policy_step] if args.policy_step != PolicyArgs.policy_step else []
+    trainer_cmd = [sys.executable, "-m", "trainer", "once", *file_flags, *model_flags, *step_flags, *shlex.split(args.trainer_args)]
     result: dict = {
         "command": "python bench/loop.py " + shlex.join(sys.argv[1:]),
         "machine": machine(),

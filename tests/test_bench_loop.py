@@ -196,6 +196,8 @@ def test_parse_args_defaults_and_refused_trainer_flags():
     args = loop.parse_args([])
     assert (args.cycles, args.feedback_prompts, args.heldout_prompts, args.correct_share) == (3, 30, 64, 0.25)
     assert args.trainer_args == "" and args.max_new_tokens is None and loop.settings_labels(args) == []
+    step = loop.parse_args(["--policy-step", "kto"])
+    assert loop.settings_labels(step) == ["policy step kto (the trainer's default is ppo)"]
     over = loop.parse_args(["--trainer-args", "--ppo-iterations 2", "--temperature", "0.8"])
     assert loop.settings_labels(over) == ["trainer settings overridden: --ppo-iterations 2", "sampling overridden: --temperature 0.8"]
     with pytest.raises(SystemExit):
