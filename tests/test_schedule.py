@@ -167,8 +167,11 @@ def test_plumbing_feedback_to_a_promoted_adapter_that_the_running_server_swaps_i
     assert [c["decision"] for c in logged] == ["promoted"] and logged[0]["rows"] == 2 * n
 
 
-def test_coin_flip_feedback_never_promotes(loop):
+@pytest.mark.parametrize("step", ["ppo", "dpo"])
+def test_coin_flip_feedback_never_promotes(loop, step):
     """Users whose choices are coin flips: nothing to learn, so no cycle may promote (default gate)."""
+    from trainer.config import PolicyArgs
+
     rng = random.Random(5)
     torch.manual_seed(0)
     texts = [p[0]["content"] for p in default_prompts()]
@@ -177,7 +180,7 @@ def test_coin_flip_feedback_never_promotes(loop):
         for i, text in enumerate(texts):
             session = loop.chat(f"coin{i % 3}", f"{text} ({round_})", compare=True)
             ui.decide(loop.deps, session, rng.choice("ab"))
-        decisions.append(schedule.run_cycle(*loop.settings(), progress=False))
+        decisions.append(schedule.run_cycle(*loop.settings(), progress=False, policy_args=PolicyArgs(policy_step=step)))
     assert all(r.decision in ("waiting", "rejected") for r in decisions), [r.summary() for r in decisions]
     assert adapters.read_current(loop.adapters_dir) == BASE_VERSION
     waited = [r for r in decisions if r.decision == "waiting"]
@@ -497,3 +500,16 @@ def test_plumbing_a_cycle_with_another_policy_step_trains_on_fold_a_and_the_serv
     assert result.evaluation["human_agreement"]["n"] == len(fold_b.pairs)
     loop.wait_serving(result.version)
     assert cycles.read(loop.root / "cycles.jsonl")[-1]["policy_step"] == f"{step} after sft"
+
+
+def test_dpo_moves_towards_held_out_human_choices(loop):
+    """Can fail on learning: a DPO cycle (default gate) trained on fold A must point the
+    way people chose on fold B, which it never saw (held-out human agreement, 95% lower
+    bound above 0.5). The preference is the lowercase one the corrections teach."""
+    from trainer.config import PolicyArgs
+
+    give_feedback(loop, rounds=2)
+    result = schedule.run_cycle(*loop.settings(), progress=False, policy_args=PolicyArgs(policy_step="dpo"))
+    h = result.evaluation.get("human_agreement") or {}
+    assert result.version and h.get("n", 0) >= 30, result.summary()
+    assert h["lo"] > 0.5, result.summary()
