@@ -99,14 +99,9 @@ def main(argv=None) -> None:
     policy = build_policy(model_args)
     log.info("model %s on %s, quantize=%s", model_args.model, policy.device, policy.quantize)
     engine = Engine(policy, max_batch=serve_args.max_batch, max_queue=serve_args.max_queue)
-    try:
-        current = adapters.read_current(serve_args.adapters_dir)
-        adapters.activate(engine, serve_args.adapters_dir, current)
-    except adapters.InvalidAdapter as exc:
-        log.error("not serving the published adapter: %s; serving the base model", exc)
-    log.info("serving adapter version %s", policy.current)
     watcher = adapters.CurrentWatcher(engine, serve_args.adapters_dir, serve_args.watch_interval)
-    watcher.poll()  # a LIVE candidate, if any
+    watcher.poll()  # the published adapter (one that cannot be served is refused: base serves) and a LIVE candidate, if any
+    log.info("serving adapter version %s", policy.current)
     watcher.start()
     if serve_args.trainer:
         trainer = start_trainer(trainer_command(model_args, serve_args, "run"), tied=True)

@@ -53,6 +53,16 @@ class InvalidAdapter(ValueError):
     """An adapter directory that must not be served."""
 
 
+def check_version(version, allow_base: bool = True) -> str:
+    """`version` when it is a version name ('v' + 6 digits, or 'base' where allowed);
+    else InvalidAdapter. Every writer of a version name to disk calls this, so a pointer
+    or manifest never holds a path, a trailing slash or a typo that readers refuse."""
+    if (allow_base and version == BASE_VERSION) or (isinstance(version, str) and VERSION_RE.match(version)):
+        return version
+    allowed = "'base' or 'v' + 6 digits" if allow_base else "'v' + 6 digits"
+    raise InvalidAdapter(f"{version!r} is not a version name ({allowed}, like v000001)")
+
+
 def versions(adapters_dir: str | Path) -> list[str]:
     """Published versions, oldest first."""
     d = Path(adapters_dir)
@@ -61,15 +71,25 @@ def versions(adapters_dir: str | Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
 
 
+def _read_pointer(pointer: Path, allow_base: bool) -> str | None:
+    """The version name in a pointer file, None when there is none; InvalidAdapter when
+    it cannot be read or holds anything but a version name."""
+    try:
+        raw = pointer.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InvalidAdapter(f"{pointer} is unreadable ({exc})") from exc
+    version = raw.decode("utf-8", errors="replace").strip()
+    if (allow_base and version == BASE_VERSION) or VERSION_RE.match(version):
+        return version
+    shown = version if len(version) <= 60 else version[:57] + "..."
+    raise InvalidAdapter(f"{pointer} holds {shown!r}, which is not a version name like v000001")
+
+
 def read_current(adapters_dir: str | Path) -> str:
     """The version `CURRENT` points at, or 'base' when nothing is published."""
-    pointer = Path(adapters_dir) / POINTER
-    if not pointer.exists():
-        return BASE_VERSION
-    version = pointer.read_text().strip()
-    if version != BASE_VERSION and not VERSION_RE.match(version):
-        raise InvalidAdapter(f"{pointer} holds {version!r}, which is not a version name like v000001")
-    return version
+    return _read_pointer(Path(adapters_dir) / POINTER, allow_base=True) or BASE_VERSION
 
 
 def fsync_dir(path: Path) -> None:
@@ -95,21 +115,14 @@ def _write_pointer(d: Path, name: str, version: str) -> None:
 def set_current(adapters_dir: str | Path, version: str) -> None:
     """Atomically point `CURRENT` at `version` (which must exist, or be 'base')."""
     d = Path(adapters_dir)
-    if version != BASE_VERSION and not (d / version).is_dir():
+    if check_version(version) != BASE_VERSION and not (d / version).is_dir():
         raise InvalidAdapter(f"no adapter {version} under {d}")
     _write_pointer(d, POINTER, version)
 
 
 def read_live(adapters_dir: str | Path) -> str | None:
     """The candidate under live comparison, or None."""
-    pointer = Path(adapters_dir) / LIVE_POINTER
-    try:
-        version = pointer.read_text().strip()
-    except FileNotFoundError:
-        return None
-    if not VERSION_RE.match(version):
-        raise InvalidAdapter(f"{pointer} holds {version!r}, which is not a version name like v000001")
-    return version
+    return _read_pointer(Path(adapters_dir) / LIVE_POINTER, allow_base=False)
 
 
 def set_live(adapters_dir: str | Path, version: str | None) -> None:
@@ -120,7 +133,7 @@ def set_live(adapters_dir: str | Path, version: str | None) -> None:
             (d / LIVE_POINTER).unlink()
             fsync_dir(d)
         return
-    if not (d / version).is_dir():
+    if not (d / check_version(version, allow_base=False)).is_dir():
         raise InvalidAdapter(f"no adapter {version} under {d}")
     _write_pointer(d, LIVE_POINTER, version)
 
@@ -131,6 +144,8 @@ def publish(adapters_dir: str | Path, model, adapter_name: str, manifest: dict, 
 
     `tensors` {file name: {name: tensor}} are saved beside the adapter (safetensors),
     e.g. the trainer's value head, inside the same atomic publish."""
+    if manifest.get("parent") is not None:
+        check_version(manifest["parent"])
     d = Path(adapters_dir)
     d.mkdir(parents=True, exist_ok=True)
     existing = versions(d)
@@ -178,7 +193,9 @@ def _now() -> str:
 
 def update_manifest(adapters_dir: str | Path, version: str, status: str | None = None, reason: str = "", **fields) -> dict:
     """Merge `fields` into a version's manifest (atomically); a status change is appended to `history`."""
-    d = Path(adapters_dir) / version
+    d = Path(adapters_dir) / check_version(version, allow_base=False)
+    if fields.get("parent") is not None:
+        check_version(fields["parent"])
     manifest = read_manifest(adapters_dir, version)
     manifest.update(fields)
     if status is not None:
@@ -230,32 +247,64 @@ def reject(adapters_dir: str | Path, version: str, reasons: list[str], **fields)
             set_live(adapters_dir, None)
 
 
-def rollback(adapters_dir: str | Path, version: str | None = None, lora=None) -> tuple[str, str]:
-    """Point CURRENT back at `version` (default: the served version's parent). Returns (old, new).
+def rollback(adapters_dir: str | Path, version: str | None = None, lora=None) -> tuple[str | None, str]:
+    """Point CURRENT back at `version` (default: the served version's parent). Returns (old, new);
+    old is None when CURRENT was unreadable (garbled), which a rollback to a named version repairs.
 
     The target must be 'base' or a version that was served before (active or retired);
     with `lora` given it is validated first, so a rollback never points at a broken adapter."""
+    d = Path(adapters_dir)
+    if version is not None:
+        check_version(version)
     with pointer_lock(adapters_dir):
-        old = read_current(adapters_dir)
+        try:
+            old = read_current(adapters_dir)
+        except InvalidAdapter as exc:
+            if version is None:
+                raise InvalidAdapter(f"{exc}, so the served version's parent is unknown; "
+                                     f"name the version to serve, one of: {', '.join(_served_before(d))}") from exc
+            log.warning("%s; the rollback to %s replaces it", exc, version)
+            old = None
+        known = old is not None and (old == BASE_VERSION or (d / old).is_dir())
         if version is None:
             if old == BASE_VERSION:
                 raise InvalidAdapter("the base model is serving; there is nothing to roll back to")
-            version = read_manifest(adapters_dir, old).get("parent") or BASE_VERSION
+            why = "" if known else f"CURRENT points at {old}, which is not under {d}"
+            if known:
+                try:
+                    version = check_version(read_manifest(adapters_dir, old).get("parent") or BASE_VERSION)
+                except (OSError, json.JSONDecodeError, InvalidAdapter) as exc:
+                    why = f"{old}: no usable parent in its manifest ({exc})"
+            if why:
+                raise InvalidAdapter(f"{why}; the served version's parent is unknown, so name the version to serve, "
+                                     f"one of: {', '.join(_served_before(d))}")
         if version == old:
             raise InvalidAdapter(f"{version} is already serving")
         if version != BASE_VERSION:
             if not (Path(adapters_dir) / version).is_dir():
                 raise InvalidAdapter(f"no adapter {version} under {adapters_dir}")
-            status = read_manifest(adapters_dir, version).get("status")
+            try:
+                status = read_manifest(adapters_dir, version).get("status")
+            except (OSError, json.JSONDecodeError) as exc:
+                raise InvalidAdapter(f"{version}: manifest unreadable ({exc})") from exc
             if status not in ("active", "retired"):
                 raise InvalidAdapter(f"{version} is {status}; only versions that were served before (active or retired) can be rolled back to")
             if lora is not None:
                 validate(Path(adapters_dir) / version, lora)
-            update_manifest(adapters_dir, version, status="active", reason=f"rolled back to from {old}")
+            update_manifest(adapters_dir, version, status="active", reason=f"rolled back to from {old or 'an unreadable CURRENT'}")
         set_current(adapters_dir, version)
-        if old != BASE_VERSION and (Path(adapters_dir) / old).is_dir():
+        if not known:  # which version served is unknown: retire every other active one
+            for m in manifests(d):
+                if m["version"] != version and m.get("status") == "active":
+                    update_manifest(d, m["version"], status="retired", reason=f"rolled back to {version}", rolled_back_at=_now())
+        elif old != BASE_VERSION:
             update_manifest(adapters_dir, old, status="retired", reason=f"rolled back to {version}", rolled_back_at=_now())
     return old, version
+
+
+def _served_before(adapters_dir: Path) -> list[str]:
+    """'base' and the versions a rollback may target (active or retired), newest first."""
+    return [BASE_VERSION] + [m["version"] for m in reversed(manifests(adapters_dir)) if m.get("status") in ("active", "retired")]
 
 
 def validate(path: str | Path, lora) -> None:
@@ -289,7 +338,8 @@ def activate(engine, adapters_dir: str | Path, version: str) -> str:
 
     In-flight and queued replies keep the version they were pinned to; the previous
     adapter is unloaded as soon as no reply uses it. Raises InvalidAdapter and changes nothing when
-    the adapter is bad.
+    the adapter is bad; an error while loading it (from peft) is raised as it is, and nothing
+    changes either.
     """
     policy = engine.policy
     if version != BASE_VERSION:
@@ -303,12 +353,23 @@ def activate(engine, adapters_dir: str | Path, version: str) -> str:
     return engine.call(swap).result()
 
 
+def _why(exc: Exception) -> str:
+    """A refusal's reason, on one line: InvalidAdapter says it all; anything else is a
+    failure to load (peft's messages run over many lines, one per tensor: shortened)."""
+    if isinstance(exc, InvalidAdapter):
+        return str(exc)
+    why = f"loading failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    return why if len(why) <= 300 else why[:297] + "..."
+
+
 class CurrentWatcher:
     """Follows the CURRENT (and LIVE) pointers and hot-swaps the engine to match.
 
     `poll()` does one check; `start()` runs it every `interval` seconds on a daemon
-    thread. A pointer at an adapter that fails validation is refused with an error
-    log line, once per pointer value, and the version already serving keeps serving."""
+    thread. A pointer at an adapter that cannot be served (it fails validation, or
+    loading it raises, e.g. peft on weights of the wrong shape) is refused with an
+    error log line, once per pointer value, and the version already serving keeps
+    serving; it is not tried again until the pointer names another version."""
 
     def __init__(self, engine, adapters_dir: str | Path, interval: float = 2.0):
         self.engine, self.adapters_dir, self.interval = engine, Path(adapters_dir), interval
@@ -331,12 +392,13 @@ class CurrentWatcher:
         except (InvalidAdapter, OSError) as exc:
             self._refuse(POINTER, str(exc))
             return
+        self.refused.pop(POINTER, None)  # readable again: a later garbling is logged anew
         if version == self.engine.policy.current or version in self.refused:
             return
         try:
             old = activate(self.engine, self.adapters_dir, version)
-        except InvalidAdapter as exc:
-            self._refuse(version, str(exc))
+        except Exception as exc:  # noqa: BLE001 - any failure to load refuses the version; the old one keeps serving
+            self._refuse(version, _why(exc))
             return
         if self.live == version:
             self.live = None  # the candidate was promoted
@@ -348,23 +410,30 @@ class CurrentWatcher:
         except (InvalidAdapter, OSError) as exc:
             self._refuse(LIVE_POINTER, str(exc))
             version = None
+        else:
+            self.refused.pop(LIVE_POINTER, None)
         if version == self.live or version in self.refused:
             return
         engine, old = self.engine, self.live
         if version is not None and version != engine.policy.current:
+            def load(policy):
+                if version not in policy.loaded:
+                    policy.load_adapter(version, self.adapters_dir / version)
+
             try:
                 validate(self.adapters_dir / version, engine.policy.lora)
-            except InvalidAdapter as exc:
-                self._refuse(version, str(exc))
+                engine.call(load).result()
+            except Exception as exc:  # noqa: BLE001 - any failure to load refuses the candidate
+                self._refuse(version, _why(exc))
                 version = None
+            if version == old:
+                return
 
-        def swap(policy):
-            if version is not None and version not in policy.loaded:
-                policy.load_adapter(version, self.adapters_dir / version)
+        def retire(policy):
             if old is not None and old != version:
                 engine.retire(old)
 
-        engine.call(swap).result()
+        engine.call(retire).result()
         self.live = version
         log.info("live comparison candidate: %s", version or "none")
 

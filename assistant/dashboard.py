@@ -495,11 +495,12 @@ def roll_back(deps, admin: bool, version: str | None):
         old, new = adapters.rollback(deps.args.adapters_dir, version or None, lora=deps.engine.policy.lora)
     except (adapters.InvalidAdapter, OSError) as exc:
         return (f"Rollback refused: {html.escape(str(exc))}", *_values(view(deps)))
+    was = f"`{old}`" if old is not None else "an unreadable CURRENT"
     if deps.watcher is not None:
         serving = deps.watcher.poll()
-        msg = f"Rolled back from `{old}` to `{new}`; now serving `{serving}`."
+        msg = f"Rolled back from {was} to `{new}`; now serving `{serving}`."
     else:
-        msg = f"CURRENT now points at `{new}` (was `{old}`); the server switches at its next check."
+        msg = f"CURRENT now points at `{new}` (was {was}); the server switches at its next check."
     log.info("dashboard rollback %s -> %s", old, new)
     return (msg, *_values(view(deps)))
 

@@ -196,8 +196,16 @@ class Policy:
         return next(self.model.parameters()).device
 
     def load_adapter(self, version: str, path: str | Path) -> None:
-        """Load a published adapter under its version name (does not activate it)."""
-        self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
+        """Load a published adapter under its version name (does not activate it).
+
+        When loading fails (peft adds the adapter's layers before it reads the weights),
+        the half-loaded adapter is deleted again before the error is raised."""
+        try:
+            self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
+        except Exception:
+            if version in self.model.peft_config and version not in self.loaded:
+                self.model.delete_adapter(version)
+            raise
         self.model.eval()
         self.loaded[version] = version
 

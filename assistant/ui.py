@@ -6,8 +6,11 @@ browser session's `Session` passed in; there are no module globals, so the same
 functions serve the browser, `gradio_client`, and tests that call them directly.
 
 The server-side `Session` is the source of truth for a conversation (raw text,
-the reply id behind every assistant message); the Chatbot only displays it, with
-HTML escaped so that markup in a message is shown as text and never executed.
+the reply id behind every assistant message); the Chatbot only displays it, through
+`safe_markdown`: HTML is shown as text and never executed, images are not loaded (a
+reply could otherwise make the reader's browser fetch a URL that carries the
+conversation away) and links go nowhere but http(s) and mailto. What is stored is
+the text as generated.
 
 Three ways to answer a message: Chat (one reply), Compare (two anonymous replies, A
 and B, and the person picks) and Rank (k replies, `--rank-k`, put in order best to
@@ -89,9 +92,38 @@ class Session:
 
 
 # ---------------------------------------------------------------- pure helpers
+LINK_SCHEMES = ("http", "https", "mailto")  # where a link in a message may go
+# `](` of an inline link or `]:` of a link definition, and what follows on its line (or the next)
+_LINK_TARGET = re.compile(r"\]([(:])([ \t]*\n?[^()\n]*)")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*(?=:)")
+
+
+def _safe_link(match: re.Match) -> str:
+    target = re.sub(r"[\x00-\x20\\]", "", match[2]).lower()  # as a browser reads a URL: no blanks, no escapes
+    scheme = _SCHEME.match(target.removeprefix("&lt;"))
+    if scheme is None or scheme[0] in LINK_SCHEMES:
+        return match[0]
+    return "]" + f"&#{ord(match[1])};" + match[2]  # the bracket and target stay, as text
+
+
+def safe_markdown(text: str) -> str:
+    """`text` (a model reply or a message) as Chatbot Markdown that neither runs nor fetches anything.
+
+    - HTML is escaped, so `<img src=...>`, `<script>` and the rest show as text.
+    - No image is loaded: the `!` of every `![` (inline, reference or inside a link)
+      becomes the entity `&#33;`, which Markdown shows as "!" but never reads as an
+      image, so `![alt](url)` shows "!" and a link "alt" that is not followed unless clicked.
+    - A link (or link definition) to anything but http(s) or mailto, e.g. `javascript:`
+      or `data:`, is shown as plain text, the same way.
+    Everything else (emphasis, lists, code, http links) renders as usual. The change is
+    entities only, so `html.unescape` gives back `text` exactly (what an edit returns)."""
+    out = html.escape(text, quote=False).replace("![", "&#33;[")
+    return _LINK_TARGET.sub(_safe_link, out)
+
+
 def display(turns: list[Turn]) -> list[dict]:
-    """Chatbot messages for `turns`, HTML escaped so markup shows as text."""
-    return [{"role": t.role, "content": html.escape(t.content, quote=False)} for t in turns]
+    """Chatbot messages for `turns`, through `safe_markdown`."""
+    return [{"role": t.role, "content": safe_markdown(t.content)} for t in turns]
 
 
 def validate_message(text: str | None, limit: int) -> str:
@@ -195,11 +227,11 @@ def places_to_order(places: Sequence) -> list[int]:
 
 
 def panel(text):
-    """A side panel's value: `text` as one assistant message, escaped as in the chat; an
+    """A side panel's value: `text` as one assistant message, made safe as in the chat; an
     update (anything but text) passes through."""
     if not isinstance(text, str):
         return text
-    return [{"role": "assistant", "content": html.escape(text, quote=False)}] if text else []
+    return [{"role": "assistant", "content": safe_markdown(text)}] if text else []
 
 
 def follow(streams: list[Stream], interval: float = STREAM_INTERVAL_S):
@@ -686,7 +718,7 @@ def clear_page(deps: Deps, session: Session):
 
 # ---------------------------------------------------------------- layout
 def _reply_panel(label: str, elem_id: str) -> gr.Chatbot:
-    """A side panel that shows one reply the way the chat shows replies (Markdown, escaped)."""
+    """A side panel that shows one reply the way the chat shows replies (`safe_markdown`)."""
     return gr.Chatbot(label=label, height=320, feedback_options=None, buttons=["copy"], elem_id=elem_id)
 
 

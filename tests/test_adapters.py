@@ -472,3 +472,209 @@ def test_rollback_cli_prints_the_change(published, capsys):
     assert "CURRENT: v000001 -> base" in capsys.readouterr().out
     assert main(["rollback", "v000002", "--adapters-dir", str(published)]) == 2
     assert "v000002 is candidate" in capsys.readouterr().err
+
+
+# -- version names: every writer refuses what readers refuse ---------------------------------
+
+
+BAD_NAMES = ["v000001/", "../v000001", "v1", "V000001", "v0000001", "", "base/"]
+
+
+def writers(published):
+    """Every function that writes a version name to disk, as name -> call(version)."""
+    return {
+        "set_current": lambda v: set_current(published, v),
+        "set_live": lambda v: adapters_mod.set_live(published, v),
+        "rollback": lambda v: adapters_mod.rollback(published, v),
+        "update_manifest": lambda v: adapters_mod.update_manifest(published, v, note="x"),
+        "update_manifest parent": lambda v: adapters_mod.update_manifest(published, "v000001", parent=v),
+    }
+
+
+@pytest.mark.parametrize("writer", ["set_current", "set_live", "rollback", "update_manifest", "update_manifest parent"])
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_writers_refuse_a_name_that_is_not_a_version(published, writer, name):
+    adapters_mod.promote(published, "v000002")
+    adapters_mod.update_manifest(published, "v000001", status="retired")
+    before = {p.name: p.read_bytes() for p in published.rglob("*") if p.is_file()}
+    with pytest.raises(InvalidAdapter, match="is not a version name"):
+        writers(published)[writer](name)
+    assert {p.name: p.read_bytes() for p in published.rglob("*") if p.is_file()} == before
+    assert read_current(published) == "v000002"
+
+
+def test_live_pointer_refuses_base(published):
+    with pytest.raises(InvalidAdapter, match="'v' \\+ 6 digits"):
+        adapters_mod.set_live(published, BASE_VERSION)
+
+
+def test_publish_refuses_a_parent_that_is_not_a_version(adapters_dir, trained_peft):
+    with pytest.raises(InvalidAdapter, match="'v000001/' is not a version name"):
+        publish(adapters_dir, trained_peft(), "default", {**MANIFEST, "parent": "v000001/"})
+    assert versions(adapters_dir) == []
+
+
+@pytest.mark.parametrize("content", [b"v000001/\n", b"\xff\xfe garbage \x00", b"", b"x" * 500])
+def test_readers_refuse_a_garbled_pointer_without_crashing(adapters_dir, content):
+    adapters_dir.mkdir()
+    for name, read in ((POINTER, read_current), ("LIVE", adapters_mod.read_live)):
+        (adapters_dir / name).write_bytes(content)
+        with pytest.raises(InvalidAdapter, match="not a version name") as caught:
+            read(adapters_dir)
+        assert len(str(caught.value)) < 300  # a long garbled file is shown shortened
+
+
+# -- rollback repairs a bad CURRENT ------------------------------------------------------------
+
+
+def served_twice(published):
+    """v000001 then v000002 served (v000002's parent is v000001): v000002 active, v000001 retired."""
+    adapters_mod.promote(published, "v000001")
+    adapters_mod.update_manifest(published, "v000002", parent="v000001")
+    adapters_mod.promote(published, "v000002")
+
+
+@pytest.mark.parametrize("garbled", ["../../etc\n", "v000002/\n"])
+def test_rollback_to_a_named_version_repairs_a_garbled_current(published, policy, garbled, caplog):
+    served_twice(published)
+    (published / POINTER).write_text(garbled)
+    with caplog.at_level("WARNING", logger="assistant.adapters"):
+        assert adapters_mod.rollback(published, "v000001", lora=policy.lora) == (None, "v000001")
+    assert read_current(published) == "v000001"
+    assert "not a version name" in caplog.text
+    status = lambda v: read_manifest(published, v)["status"]  # noqa: E731
+    assert (status("v000001"), status("v000002")) == ("active", "retired")  # the old active one, whatever CURRENT said
+    assert "unreadable CURRENT" in read_manifest(published, "v000001")["history"][-1]["reason"]
+
+
+def test_rollback_to_base_repairs_a_garbled_current(published):
+    served_twice(published)
+    (published / POINTER).write_text("garbage")
+    assert adapters_mod.rollback(published, BASE_VERSION) == (None, BASE_VERSION)
+    assert read_current(published) == BASE_VERSION
+
+
+def test_rollback_without_a_version_says_what_to_pass_when_current_is_garbled(published):
+    served_twice(published)
+    (published / POINTER).write_text("garbage")
+    with pytest.raises(InvalidAdapter, match=r"holds 'garbage'.*name the version to serve, one of: base, v000002, v000001"):
+        adapters_mod.rollback(published)
+    assert (published / POINTER).read_text() == "garbage"
+
+
+def test_rollback_repairs_a_current_that_names_a_missing_version(published):
+    served_twice(published)
+    (published / POINTER).write_text("v000009\n")
+    with pytest.raises(InvalidAdapter, match=r"CURRENT points at v000009, which is not under .*one of: base, v000002, v000001"):
+        adapters_mod.rollback(published)
+    assert adapters_mod.rollback(published, "v000002") == ("v000009", "v000002")
+    assert read_current(published) == "v000002"
+    status = lambda v: read_manifest(published, v)["status"]  # noqa: E731
+    assert (status("v000001"), status("v000002")) == ("retired", "active")
+
+
+def test_rollback_refuses_a_target_whose_manifest_is_broken(published):
+    served_twice(published)
+    (published / "v000001" / "manifest.json").write_text("{half")
+    with pytest.raises(InvalidAdapter, match="v000001: manifest unreadable"):
+        adapters_mod.rollback(published, "v000001")
+    assert read_current(published) == "v000002"
+
+
+# -- the watcher refuses any failure to load, once ----------------------------------------------
+
+
+def shape_mismatch(path) -> None:
+    """Weights that pass the quick checks (files, config, finite) but that peft cannot load:
+    the first lora_A tensor has half the rank its config says."""
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    name = next(n for n in sorted(tensors) if "lora_A" in n)
+    tensors[name] = tensors[name][: tensors[name].shape[0] // 2].contiguous()
+    save_file(tensors, str(file))
+
+
+def counting_loads(policy, fail: Exception | None = None) -> list[str]:
+    """Record every policy.load_adapter call (and raise `fail` from it, when given)."""
+    calls, inner = [], policy.load_adapter
+
+    def load(version, path):
+        calls.append(version)
+        if fail is not None:
+            raise fail
+        inner(version, path)
+
+    policy.load_adapter = load
+    return calls
+
+
+def test_a_shape_mismatch_passes_validation(published, policy):
+    shape_mismatch(published / "v000002")
+    validate(published / "v000002", policy.lora)  # so only loading it can tell
+
+
+@pytest.mark.parametrize("fail", [None, RuntimeError("peft: size mismatch"), OSError("disk read error")],
+                         ids=["peft shape mismatch", "RuntimeError", "OSError"])
+def test_watcher_refuses_an_adapter_that_fails_to_load_once_and_keeps_serving(engine, policy, published, drain, caplog, fail):
+    watcher = adapters_mod.CurrentWatcher(engine, published)
+    set_current(published, "v000001")
+    assert watcher.poll() == "v000001"
+    shape_mismatch(published / "v000002")
+    calls = counting_loads(policy, fail)
+    set_current(published, "v000002")
+
+    with caplog.at_level("ERROR", logger="assistant.adapters"):
+        assert watcher.poll() == "v000001"
+        assert watcher.poll() == "v000001"
+        assert watcher.poll() == "v000001"
+    assert calls == ["v000002"]  # tried once, not again on every poll
+    refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(refusals) == 1 and "refusing adapter pointer v000002: loading failed" in refusals[0]
+    assert "v000001 keeps serving" in refusals[0] and "\n" not in refusals[0]
+    assert set(policy.loaded) == {"v000001"} and "v000002" not in policy.model.peft_config  # nothing half-loaded stays
+    stream = engine.submit(QUESTION, greedy(4))
+    drain(stream)
+    assert stream.reply.adapter_version == "v000001"
+
+
+@pytest.mark.parametrize("fail", [None, RuntimeError("peft: size mismatch")], ids=["peft shape mismatch", "RuntimeError"])
+def test_watcher_refuses_a_live_candidate_that_fails_to_load_once(engine, policy, published, caplog, fail):
+    watcher = adapters_mod.CurrentWatcher(engine, published)
+    set_current(published, "v000001")
+    assert watcher.poll() == "v000001"
+    shape_mismatch(published / "v000002")
+    calls = counting_loads(policy, fail)
+    adapters_mod.set_live(published, "v000002")
+
+    with caplog.at_level("ERROR", logger="assistant.adapters"):
+        assert watcher.poll() == "v000001"
+        assert watcher.poll() == "v000001"
+    assert calls == ["v000002"]
+    refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(refusals) == 1 and "refusing adapter pointer v000002: loading failed" in refusals[0]
+    assert watcher.live is None and set(policy.loaded) == {"v000001"}
+
+
+def test_watcher_drops_the_old_live_candidate_when_the_new_one_fails_to_load(engine, policy, published, trained_peft):
+    publish(published, trained_peft(seed=3), "default", dict(MANIFEST))
+    watcher = adapters_mod.CurrentWatcher(engine, published)
+    set_current(published, "v000001")
+    adapters_mod.set_live(published, "v000002")
+    watcher.poll()
+    assert watcher.live == "v000002" and set(policy.loaded) == {"v000001", "v000002"}
+    shape_mismatch(published / "v000003")
+    adapters_mod.set_live(published, "v000003")
+    watcher.poll()
+    assert watcher.live is None and set(policy.loaded) == {"v000001"}
+    assert "v000003" in watcher.refused
+
+
+def test_rollback_without_a_version_refuses_a_parent_that_is_not_a_version(published):
+    import json
+
+    served_twice(published)
+    manifest = read_manifest(published, "v000002")
+    (published / "v000002" / "manifest.json").write_text(json.dumps({**manifest, "parent": "v000001/"}))  # written by hand
+    with pytest.raises(InvalidAdapter, match=r"v000002: no usable parent .*'v000001/' is not a version name.*one of: base"):
+        adapters_mod.rollback(published)
+    assert read_current(published) == "v000002"

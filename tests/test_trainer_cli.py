@@ -422,3 +422,113 @@ def test_bad_flag_value_from_the_shell(tmp_path):
     assert result.returncode == 2
     assert "python -m trainer reward: error: --val-fraction must be in [0, 1), got 1.5" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- rollback and status on a bad pointer -------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path, trained_peft) -> Path:
+    """An adapter directory where v000001 then v000002 (its child) were served: v000002 serves."""
+    from assistant import adapters
+
+    adir = tmp_path / "adapters"
+    v1 = adapters.publish(adir, trained_peft(seed=1), "default", {"parent": "base"})
+    v2 = adapters.publish(adir, trained_peft(seed=2), "default", {"parent": v1})
+    adapters.promote(adir, v1)
+    adapters.promote(adir, v2)
+    return adir
+
+
+def status_flags(tmp_path: Path, adir: Path) -> list[str]:
+    return ["--adapters-dir", str(adir), "--db", str(tmp_path / "feedback.db"),
+            "--lock-file", str(tmp_path / "trainer.lock"), "--cycles-log", str(tmp_path / "cycles.jsonl")]
+
+
+@pytest.mark.parametrize("arg", ["v000001/", "v000001//", "{adir}/v000001", "{adir}/v000001/", "{rel}/v000001/"])
+def test_rollback_takes_a_version_directory_path(served, capsys, arg):
+    from assistant import adapters
+
+    rel = os.path.relpath(served)
+    code, out, err = run_main(capsys, "rollback", arg.format(adir=served, rel=rel), "--adapters-dir", str(served))
+    assert code == 0, err
+    assert "CURRENT: v000002 -> v000001" in out
+    assert (served / "CURRENT").read_text() == "v000001\n"
+    assert adapters.read_current(served) == "v000001"
+
+
+@pytest.mark.parametrize("arg, why", [
+    ("v1", "is not a version"),
+    ("latest", "is not a version"),
+    ("../v000001", "is not a directory under --adapters-dir"),
+    ("/elsewhere/adapters/v000001/", "is not a directory under --adapters-dir"),
+    ("{adir}/CURRENT", "is not a version"),
+])
+def test_rollback_refuses_an_argument_that_is_not_a_version_naming_it(served, capsys, arg, why):
+    arg = arg.format(adir=served)
+    code, out, err = run_main(capsys, "rollback", arg, "--adapters-dir", str(served))
+    assert code == 2 and out == ""
+    assert f"error: rollback VERSION: {arg!r} {why}" in err
+    assert (served / "CURRENT").read_text() == "v000002\n"
+
+
+@pytest.mark.parametrize("garbled", [b"../../etc\n", b"v000002/\n", b"\xff\x00garbage", b""])
+def test_rollback_repairs_a_garbled_current(served, capsys, garbled):
+    (served / "CURRENT").write_bytes(garbled)
+    code, out, err = run_main(capsys, "rollback", "v000001", "--adapters-dir", str(served))
+    assert code == 0, err
+    assert "CURRENT: unreadable -> v000001" in out
+    assert (served / "CURRENT").read_text() == "v000001\n"
+    code, out, _ = run_main(capsys, "rollback", "--adapters-dir", str(served))  # now readable: its parent is base
+    assert code == 0 and "CURRENT: v000001 -> base" in out
+
+
+def test_rollback_without_a_version_on_a_garbled_current_says_what_to_pass(served, capsys):
+    (served / "CURRENT").write_text("garbage\n")
+    code, out, err = run_main(capsys, "rollback", "--adapters-dir", str(served))
+    assert code == 2 and out == ""
+    assert "holds 'garbage', which is not a version name" in err
+    assert "name the version to serve, one of: base, v000002, v000001" in err
+    assert "Traceback" not in err
+    assert (served / "CURRENT").read_text() == "garbage\n"
+
+
+def test_rollback_without_a_version_on_a_current_naming_a_missing_version_says_what_to_pass(served, capsys):
+    (served / "CURRENT").write_text("v000009\n")
+    code, _, err = run_main(capsys, "rollback", "--adapters-dir", str(served))
+    assert code == 2
+    assert "CURRENT points at v000009, which is not under" in err and "one of: base, v000002, v000001" in err
+    assert run_main(capsys, "rollback", "v000002", "--adapters-dir", str(served))[0] == 0
+
+
+@pytest.mark.parametrize("pointer, garbled", [("CURRENT", "../../etc"), ("LIVE", "garbage"), ("CURRENT", "v000009")])
+def test_status_reports_a_bad_pointer_and_goes_on(served, tmp_path, capsys, pointer, garbled):
+    (served / pointer).write_text(garbled + "\n")
+    code, out, err = run_main(capsys, "status", *status_flags(tmp_path, served))
+    assert code == 0, err
+    first = out.splitlines()[0]
+    if pointer == "CURRENT":
+        assert first.startswith("serving: unknown: CURRENT is ") and garbled in first and "rollback VERSION" in first
+    else:
+        assert first.startswith("serving: v000002, live comparison: unknown: LIVE is unreadable") and "garbage" in first
+    assert "cycle: none running" in out
+    assert "v000001  retired" in out and "v000002  active" in out  # the versions are still listed
+
+
+def test_status_lists_versions_with_missing_fields(served, tmp_path, capsys):
+    from assistant import adapters
+
+    adapters.update_manifest(served, "v000001", parent=None, reward_model=None, evaluation={"win_rate": 0.6, "kl_parent": None})
+    code, out, err = run_main(capsys, "status", *status_flags(tmp_path, served))
+    assert code == 0, err
+    assert "v000001  retired    parent ?" in out
+
+
+def test_rollback_and_status_from_the_shell(served, tmp_path):
+    (served / "CURRENT").write_text("v000002/\n")
+    status = run_cli("status", *status_flags(tmp_path, served))
+    assert status.returncode == 0 and "serving: unknown: CURRENT is unreadable" in status.stdout, status.stderr
+    rollback = run_cli("rollback", f"{served}/v000001/", "--adapters-dir", str(served))
+    assert rollback.returncode == 0, rollback.stderr
+    assert "CURRENT: unreadable -> v000001" in rollback.stdout
+    assert "Traceback" not in rollback.stderr

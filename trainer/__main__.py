@@ -203,17 +203,54 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 0
 
 
+def version_arg(text: str, adapters_dir: str | Path) -> str:
+    """The version name a rollback argument means: 'base', a name like 'v000001' (a
+    trailing slash from tab completion is dropped), or the path of a version directory
+    under `adapters_dir` ('data/adapters/v000001/'). Anything else: ValueError."""
+    from assistant.adapters import VERSION_RE
+    from assistant.config import BASE_VERSION
+
+    stripped = text.strip().rstrip("/")
+    if stripped == BASE_VERSION or ("/" not in stripped and VERSION_RE.match(stripped)):
+        return stripped
+    path = Path(stripped)
+    if not VERSION_RE.match(path.name):
+        raise ValueError(f"{text!r} is not a version: give 'base', a version name like v000001, or its directory under {adapters_dir}")
+    if path.parent.resolve() != Path(adapters_dir).resolve():
+        raise ValueError(f"{text!r} is not a directory under --adapters-dir {adapters_dir}")
+    return path.name
+
+
 def cmd_rollback(ns: argparse.Namespace) -> int:
     from assistant import adapters
     from assistant.model import lora_config
 
     try:
-        old, new = adapters.rollback(ns.adapters_dir, ns.version, lora=lora_config(ns.model_args))
+        version = None if ns.version is None else version_arg(ns.version, ns.adapters_dir)
+    except ValueError as exc:
+        print(f"error: rollback VERSION: {exc}", file=sys.stderr)
+        return 2
+    try:
+        old, new = adapters.rollback(ns.adapters_dir, version, lora=lora_config(ns.model_args))
     except adapters.InvalidAdapter as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"CURRENT: {old} -> {new}; a running server swaps within its --watch-interval")
+    print(f"CURRENT: {old or 'unreadable'} -> {new}; a running server swaps within its --watch-interval")
     return 0
+
+
+def _pointer(read, adapters_dir: str) -> tuple[str | None, str]:
+    """(the version a pointer file names or None, what is wrong with it or '')."""
+    from assistant.adapters import InvalidAdapter
+    from assistant.config import BASE_VERSION
+
+    try:
+        version = read(adapters_dir)
+    except InvalidAdapter as exc:
+        return None, f"unreadable ({exc})"
+    if version not in (None, BASE_VERSION) and not (Path(adapters_dir) / version).is_dir():
+        return version, f"{version}, which is not under {adapters_dir}"
+    return version, ""
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -221,7 +258,10 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from trainer import schedule
 
     running = cycles.holder(ns.schedule_args.lock_file)
-    print(f"serving: {adapters.read_current(ns.adapters_dir)}" + (f", live comparison: {adapters.read_live(ns.adapters_dir)}" if adapters.read_live(ns.adapters_dir) else ""))
+    current, current_problem = _pointer(adapters.read_current, ns.adapters_dir)
+    live, live_problem = _pointer(adapters.read_live, ns.adapters_dir)
+    print("serving: " + (f"unknown: CURRENT is {current_problem}; `python -m trainer rollback VERSION` repairs it" if current_problem else current)
+          + (f", live comparison: unknown: LIVE is {live_problem}" if live_problem else f", live comparison: {live}" if live else ""))
     print("cycle: " + (f"running (pid {running.get('pid')}, since {running.get('started_at')}, phase {running.get('phase')})" if running is not None else "none running"))
     print(f"new feedback rows since the last cycle: {schedule.new_rows(ns.db, ns.schedule_args.cycles_log)}")
     last = cycles.read(ns.schedule_args.cycles_log)
@@ -230,8 +270,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     for m in adapters.manifests(ns.adapters_dir):
         e = m.get("evaluation") or {}
         detail = (f"win rate {e['win_rate']:.2f} [{e['win_rate_lo']:.2f}, {e['win_rate_hi']:.2f}], KL {e['kl_parent']:.2f} to parent, {e['kl_base']:.2f} to base"
-                  if e.get("win_rate") is not None else "")
-        print(f"  {m['version']}  {m.get('status', '?'):<9}  parent {m.get('parent', '?'):<8}  reward {m.get('reward_model', '?'):<8}  {m.get('created_at', '')}  {detail}"
+                  if all(isinstance(e.get(k), (int, float)) for k in ("win_rate", "win_rate_lo", "win_rate_hi", "kl_parent", "kl_base")) else "")
+        print(f"  {m['version']}  {m.get('status') or '?':<9}  parent {m.get('parent') or '?':<8}  reward {m.get('reward_model') or '?':<8}  {m.get('created_at', '')}  {detail}"
               + (f"  rejected: {'; '.join(m['reasons'])}" if m.get("status") == "rejected" and m.get("reasons") else ""))
     return 0
 
@@ -285,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs, PolicyArgs, ScheduleArgs), subparser=p)
 
     p = sub.add_parser("rollback", help="point CURRENT at an earlier version (default: the served version's parent)")
-    p.add_argument("version", nargs="?", default=None, help="version to serve again, e.g. v000003, or 'base'")
+    p.add_argument("version", nargs="?", default=None, help="version to serve again: e.g. v000003 (or its directory, data/adapters/v000003/), or 'base'")
     p.add_argument("--adapters-dir", default=PPOArgs.adapters_dir, help=f"adapter directory (default: {PPOArgs.adapters_dir})")
     add_args(p, ModelArgs, "base model (to validate the adapter against)")
     p.set_defaults(func=cmd_rollback, needs=(ModelArgs,), subparser=p)
