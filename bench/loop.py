@@ -963,7 +963,7 @@ def main() -> None:
                 c["trainer"] = {"exit_code": rc, "cycles_log": entry}
                 version = c["version"]
                 manifest = read_json(files["adapters_dir"] / version / "manifest.json") if version else {}
-                c["policy"] = {key: manifest.get(key) for key in ("policy_step", "sft_first", "sft_skipped", "rows", "prompts", "stop_reason", "seconds", "metrics")}
+                c["policy"] = {key: manifest.get(key) for key in ("policy_step", "sft_first", "sft_skipped", "sft", "rows", "prompts", "stop_reason", "seconds", "metrics")}
                 rmanifest = read_json(files["reward_dir"] / c["reward_version"] / "manifest.json") if c["reward_version"] else {}
                 c["reward_model"] = {"version": c["reward_version"], **{key: rmanifest.get(key) for key in ("examples", "metrics", "seconds")}}
                 print(f"  cycle {k} {c['decision']} {version or ''} after {ph['trainer']:.0f}s (exit code {rc}): "
