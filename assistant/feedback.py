@@ -94,6 +94,28 @@ class StoreUnavailable(RuntimeError):
 # migrations at the end; never edit one that has shipped.
 
 
+def _replies_table(name: str, sources: tuple[str, ...]) -> str:
+    """CREATE TABLE of the replies table under `name`; the schema versions differ only in
+    the sources they allow."""
+    allowed = ", ".join(f"'{x}'" for x in sources)
+    return f"""CREATE TABLE {name} (
+            id INTEGER PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id),
+            context TEXT NOT NULL,                  -- JSON [{{role, content}}...], system prompt included
+            text TEXT NOT NULL,
+            params TEXT NOT NULL,                   -- JSON {{temperature, top_p, max_new_tokens, variant...}}
+            model TEXT NOT NULL,
+            adapter_version TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            latency_ms REAL NOT NULL,
+            ttft_ms REAL,                           -- NULL when not streamed
+            finish_reason TEXT NOT NULL,
+            source TEXT NOT NULL CHECK (source IN ({allowed})),
+            created_at TEXT NOT NULL
+        )"""
+
+
 def _v1_initial_schema(db: sqlite_utils.Database) -> None:
     statements = [
         """CREATE TABLE users (
@@ -115,22 +137,7 @@ def _v1_initial_schema(db: sqlite_utils.Database) -> None:
             content TEXT NOT NULL,                  -- as sent
             created_at TEXT NOT NULL
         )""",
-        """CREATE TABLE replies (
-            id INTEGER PRIMARY KEY,
-            conversation_id TEXT NOT NULL REFERENCES conversations(id),
-            context TEXT NOT NULL,                  -- JSON [{role, content}...], system prompt included
-            text TEXT NOT NULL,
-            params TEXT NOT NULL,                   -- JSON {temperature, top_p, max_new_tokens, seed...}
-            model TEXT NOT NULL,
-            adapter_version TEXT NOT NULL,
-            prompt_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            latency_ms REAL NOT NULL,
-            ttft_ms REAL,                           -- NULL when not streamed
-            finish_reason TEXT NOT NULL,
-            source TEXT NOT NULL CHECK (source IN ('chat', 'regenerate', 'compare')),
-            created_at TEXT NOT NULL
-        )""",
+        _replies_table("replies", ("chat", "regenerate", "compare")),
         """CREATE TABLE votes (                     -- the current vote of one user on one reply
             id INTEGER PRIMARY KEY,
             reply_id INTEGER NOT NULL REFERENCES replies(id),
@@ -211,22 +218,7 @@ def _v3_rank_source(db: sqlite_utils.Database) -> None:
     before it commits."""
     columns = ("id, conversation_id, context, text, params, model, adapter_version, prompt_tokens, "
                "completion_tokens, latency_ms, ttft_ms, finish_reason, source, created_at")
-    db.execute("""CREATE TABLE replies_v3 (
-        id INTEGER PRIMARY KEY,
-        conversation_id TEXT NOT NULL REFERENCES conversations(id),
-        context TEXT NOT NULL,                  -- JSON [{role, content}...], system prompt included
-        text TEXT NOT NULL,
-        params TEXT NOT NULL,                   -- JSON {temperature, top_p, max_new_tokens, variant...}
-        model TEXT NOT NULL,
-        adapter_version TEXT NOT NULL,
-        prompt_tokens INTEGER NOT NULL,
-        completion_tokens INTEGER NOT NULL,
-        latency_ms REAL NOT NULL,
-        ttft_ms REAL,                           -- NULL when not streamed
-        finish_reason TEXT NOT NULL,
-        source TEXT NOT NULL CHECK (source IN ('chat', 'regenerate', 'compare', 'rank')),
-        created_at TEXT NOT NULL
-    )""")
+    db.execute(_replies_table("replies_v3", ("chat", "regenerate", "compare", "rank")))
     db.execute(f"INSERT INTO replies_v3 ({columns}) SELECT {columns} FROM replies")
     db.execute("DROP TABLE replies")
     db.execute("ALTER TABLE replies_v3 RENAME TO replies")
