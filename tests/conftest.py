@@ -30,6 +30,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: uses the real default model (SmolLM2-135M-Instruct); slower")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, whichever tests ran before it."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 # -- the tiny model -------------------------------------------------------------
 
 

@@ -64,9 +64,11 @@ def test_reward_models_that_cannot_tell_held_out_choices_apart_stop_the_cycle_be
     sched = ScheduleArgs()
     assert gate.fit_reasons({"val_pairs": 40, "val_accuracy": 0.6, "val_accuracy_lo": 0.45, "val_accuracy_hi": 0.73}, sched) == [
         "waiting for more feedback: the reward models agree with held-out choices on 60% of 40 pairs (95% CI 0.45-0.73); "
-        "the lower bound must be above 0.50"]
+        "the lower bound must be above 0.50 (--min-val-accuracy)"]
     assert "10 validation pairs of the 16 needed" in gate.fit_reasons({"val_pairs": 10, "val_accuracy": 1.0, "val_accuracy_lo": 0.72}, sched)[0]
     assert gate.fit_reasons({"val_pairs": 40, "val_accuracy": 0.8, "val_accuracy_lo": 0.65, "val_accuracy_hi": 0.9}, sched) == []
+    stricter = ScheduleArgs(min_val_accuracy=0.7)
+    assert "must be above 0.70" in gate.fit_reasons({"val_pairs": 40, "val_accuracy": 0.8, "val_accuracy_lo": 0.65, "val_accuracy_hi": 0.9}, stricter)[0]
 
 
 # -- held-out human judgements on real adapters ---------------------------------------------

@@ -44,9 +44,11 @@ from trainer.data import default_prompts, import_preferences
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 30
-# Plumbing only: a gate that passes any finite, non-degenerate candidate, for tests of
-# what happens around a promotion. A test using it cannot fail on learning.
-PLUMBING = {"min_win_rate": 0.0, "min_human_agreement": 0.0, "kl_budget": 1e6, "kl_total_budget": 1e6, "max_degenerate": 10**6}
+# Plumbing only: a gate that trains on any reward model with some held-out skill and
+# passes any finite candidate, for tests of what happens around a promotion. A test
+# using it cannot fail on learning.
+PLUMBING = {"min_val_accuracy": 0.0, "min_win_rate": 0.0, "min_human_agreement": 0.0, "kl_budget": 1e6, "kl_total_budget": 1e6,
+            "max_degenerate": 10**6}
 
 
 def lowercase_share(text: str) -> float:

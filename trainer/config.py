@@ -159,6 +159,7 @@ class ScheduleArgs:
     at: str = _f("", "`run`: also run a cycle every day at this local time, HH:MM (needs at least one new row)")
     min_decisive_pairs: int = _f(24, "fewest preference pairs (a choice, correction, ranking or up- vs down-vote) a cycle trains on; fewer: wait for feedback")
     min_val_pairs: int = _f(16, "fewest pairs the reward models are validated on (cross-fitted: each pair by the model that did not see it)")
+    min_val_accuracy: float = _f(0.5, "the reward models are trusted (and training starts) only when the 95% lower bound of their held-out pair accuracy is above this")
     eval_fraction: float = _f(0.25, "share of prompts (snapshot and default set) held out from PPO to evaluate candidates on")
     eval_replies: int = _f(64, "replies per side (candidate, current) on held-out prompts; prompts repeat with new samples to reach it")
     eval_max_new_tokens: int = _f(SERVED.max_new_tokens, "reply length cap when evaluating (default: the app's served cap)")
@@ -189,6 +190,8 @@ class ScheduleArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.min_win_rate < 1:
             raise ValueError(f"--min-win-rate must be in [0, 1), got {self.min_win_rate}")
+        if not 0 <= self.min_val_accuracy < 1:
+            raise ValueError(f"--min-val-accuracy must be in [0, 1), got {self.min_val_accuracy}")
         if not 0 <= self.min_human_agreement <= 1:
             raise ValueError(f"--min-human-agreement must be in [0, 1], got {self.min_human_agreement}")
         if self.kl_budget <= 0 or self.kl_total_budget <= 0:

@@ -7,7 +7,8 @@ In the order a cycle applies them:
    reward models): at least --min-decisive-pairs preference pairs in the snapshot, and
    a cross-fitted validation accuracy (each pair scored by the reward model that did
    not see it, steps.fit_reward_pair) on at least --min-val-pairs pairs whose 95%
-   Wilson lower bound is above 0.5. Otherwise the cycle waits for feedback and says so.
+   Wilson lower bound is above --min-val-accuracy (0.5). Otherwise the cycle waits for
+   feedback and says so.
 2. Held-out human judgements (`human_agreement`): on the judge's fold (pairs the
    policy's reward model never saw), the share of pairs where the candidate's implicit
    preference points the way people chose, as DPO measures it:
@@ -84,9 +85,10 @@ def fit_reasons(signal: dict, sched: ScheduleArgs) -> list[str]:
     n = signal.get("val_pairs") or 0
     if n < sched.min_val_pairs:
         return [f"waiting for more feedback: {n} validation pairs of the {sched.min_val_pairs} needed (--min-val-pairs)"]
-    if signal["val_accuracy_lo"] <= 0.5:
+    if signal["val_accuracy_lo"] <= sched.min_val_accuracy:
         return [f"waiting for more feedback: the reward models agree with held-out choices on {signal['val_accuracy']:.0%} of "
-                f"{n} pairs (95% CI {signal['val_accuracy_lo']:.2f}-{signal['val_accuracy_hi']:.2f}); the lower bound must be above 0.50"]
+                f"{n} pairs (95% CI {signal['val_accuracy_lo']:.2f}-{signal['val_accuracy_hi']:.2f}); the lower bound must be above "
+                f"{sched.min_val_accuracy:.2f} (--min-val-accuracy)"]
     return []
 
 
