@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -132,16 +132,61 @@ class _Row:
 
     stream: Stream
     pos: int  # tokens in the sequence so far (prompt + generated, excluding next_token)
+    detok: Detokenizer
     next_token: int = -1
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
     first_token_at: float | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.detok.ids
 
 
 def build_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` in the model's chat template, ready for the reply."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class Detokenizer:
+    """Incremental detokenisation: text deltas of a growing token list, each step
+    decoding only a short window, so a reply of n tokens costs O(n), not O(n²).
+
+    The window starts at the last token already emitted before the previous delta
+    (`prefix`), so tokenisers whose pieces depend on the token before them (leading
+    spaces, byte-level merges) decode the new token in context. A multi-byte
+    character split over several tokens decodes to U+FFFD until its last byte
+    arrives; such a delta is held back until the character is whole. The same
+    scheme as the streaming detokenisers of text-generation-inference and vLLM."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # window start: context for the next token
+        self._read = 0  # tokens whose text has been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        """Add one token; the text it completes ('' while a character is partial)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
+            return ""
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
+        return delta
+
+    def finish(self) -> str:
+        """The reply's text decoded whole, and the tail not yet emitted (a held-back
+        partial character, decoded as U+FFFD if the reply ended inside it)."""
+        final = self._decode(self.ids)
+        tail = final[len(self.text) :] if final.startswith(self.text) else ""
+        self.text = final
+        return tail
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -314,9 +359,9 @@ class Engine:
             except queue.Empty:
                 break
             if stream.cancelled:
-                self._finish(_Row(stream, pos=len(stream.prompt_ids)), "stopped")
+                self._finish(_Row(stream, pos=len(stream.prompt_ids), detok=Detokenizer(self.policy.tokenizer)), "stopped")
                 continue
-            rows.append(_Row(stream, pos=len(stream.prompt_ids)))
+            rows.append(_Row(stream, pos=len(stream.prompt_ids), detok=Detokenizer(self.policy.tokenizer)))
         return rows
 
     def _select_adapters(self, versions: list[str]) -> dict:
@@ -415,7 +460,6 @@ class Engine:
     def _emit_and_retire(self) -> None:
         """Commit each row's sampled token, stream its text, and drop finished rows."""
         keep = []
-        tok = self.policy.tokenizer
         for i, r in enumerate(self._rows):
             reason = None
             if r.stream.cancelled:
@@ -423,16 +467,9 @@ class Engine:
             elif r.next_token in self.eos_ids:
                 reason = "eos"
             else:
-                r.generated.append(r.next_token)
-                text = tok.decode(r.generated, skip_special_tokens=True)
-                if not text.endswith("\ufffd"):  # hold back a half-decoded character
-                    if text.startswith(r.text):
-                        delta = text[len(r.text) :]
-                    else:  # the tokenizer re-segmented earlier text; resend nothing, keep the new text
-                        delta = ""
-                    r.text = text
-                    if delta:
-                        r.stream._queue.put(delta)
+                delta = r.detok.push(r.next_token)
+                if delta:
+                    r.stream._queue.put(delta)
                 if len(r.generated) >= r.stream.params.max_new_tokens:
                     reason = "length"
             if reason is None:
@@ -464,13 +501,11 @@ class Engine:
     def _finish(self, r: _Row, reason: str) -> None:
         now = time.perf_counter()
         s = r.stream
-        if r.generated:
-            final = self.policy.tokenizer.decode(r.generated, skip_special_tokens=True)
-            if final.startswith(r.text) and len(final) > len(r.text):
-                s._queue.put(final[len(r.text) :])  # the held-back tail of a split character
-            r.text = final
+        tail = r.detok.finish()
+        if tail:
+            s._queue.put(tail)  # the held-back tail of a split character
         s.reply = Reply(
-            text=r.text,
+            text=r.detok.text,
             adapter_version=s.version,
             prompt_tokens=len(s.prompt_ids),
             completion_tokens=len(r.generated),

@@ -449,3 +449,69 @@ def test_default_model_batched_replies_equal_hf_generate(default_engine, hf_gree
         spy.release_all()
         default_engine._forward = spy.inner
     assert [s.reply.text for s in streams] == refs
+
+
+# -- incremental detokenisation ----------------------------------------------------
+
+MIXED_TEXT = "Héllo, naïve café! 🙂 中文字 — “quotes” and plain ascii; 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 at the end."
+
+
+class _CountingTokenizer:
+    """Wraps a tokenizer and counts the tokens every decode call is given."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, **kwargs):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, **kwargs)
+
+
+def _stream_text(tokenizer, ids):
+    from assistant.chat import Detokenizer
+
+    d = Detokenizer(tokenizer)
+    deltas = [d.push(t) for t in ids]
+    return deltas, d.finish(), d.text
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    from tests.tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def test_detokenizer_streams_multibyte_characters_whole_and_matches_a_full_decode(tiny_tok):
+    tok = tiny_tok  # one token per byte: every non-ascii character spans tokens
+    ids = tok(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(MIXED_TEXT)  # multi-byte characters really are split
+    deltas, tail, text = _stream_text(tok, ids)
+    assert "".join(deltas) + tail == text == tok.decode(ids, skip_special_tokens=True) == MIXED_TEXT
+    assert tail == "" and not any("\ufffd" in d for d in deltas)
+    assert sum(1 for d in deltas if d) == len(MIXED_TEXT)  # one delta per character, none split
+
+
+def test_detokenizer_cost_is_linear_in_reply_length(tiny_tok):
+    counting = _CountingTokenizer(tiny_tok)
+    ids = tiny_tok(MIXED_TEXT * 40, add_special_tokens=False)["input_ids"]
+    deltas, _, text = _stream_text(counting, ids)
+    assert "".join(deltas) == text == MIXED_TEXT * 40
+    assert counting.decoded <= 12 * len(ids), counting.decoded  # a whole-reply decode per step: ~n²/2
+
+
+def test_detokenizer_holds_back_a_reply_that_ends_inside_a_character(tiny_tok):
+    tok = tiny_tok
+    ids = tok("ok 🙂", add_special_tokens=False)["input_ids"][:-1]  # the emoji's last byte never comes
+    deltas, tail, text = _stream_text(tok, ids)
+    assert "".join(deltas) == "ok " and text == tok.decode(ids, skip_special_tokens=True) and tail == text[3:]
+
+
+@pytest.mark.e2e
+def test_detokenizer_matches_the_default_models_tokenizer(default_policy):
+    tok = default_policy.tokenizer  # SentencePiece-like leading spaces and byte fallback
+    for text in (MIXED_TEXT, "  two  spaces\n\nnew paragraph\tand a tab", "1234567890 " * 20):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        deltas, tail, streamed = _stream_text(tok, ids)
+        assert "".join(deltas) + tail == streamed == tok.decode(ids, skip_special_tokens=True)
+        assert not any("\ufffd" in d for d in deltas)
