@@ -21,7 +21,7 @@ that people judge replies that differ. Which reply is shown where is shuffled, a
 every stored reply's params record how it was produced (variant, temperature, the
 user's own temperature) and where it was shown (side A/B, or position 1..k).
 
-What it is not: generation (chat.py) or storage (feedback.py). A failing store
+What it is not: generation (chat.py) or storage (assistant/feedback/). A failing store
 never stops the chat: the reply is shown, the user is told it was not saved.
 """
 

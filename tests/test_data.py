@@ -1,4 +1,4 @@
-"""Tests for trainer/data.py: snapshots, feedback → examples, merging, the split.
+"""Tests for assistant/feedback/pairs.py and trainer/data.py: snapshots, feedback → examples, merging, the split.
 
 Every test builds its own feedback store under tmp_path through FeedbackStore's
 public API; nothing needs a model or a network.
@@ -239,6 +239,32 @@ def test_since_includes_a_vote_changed_after_it(store, chat):
     store.set_vote(chat.r1, chat.user, -1)
     later = read_snapshot(store.path, since={t: last for t, (_, last) in first.id_range().items()})
     assert [(v["reply_id"], v["value"]) for v in later.votes] == [(chat.r1, -1)]
+
+
+def test_a_votes_value_and_reason_come_from_its_last_event(store, chat):
+    store.set_vote(chat.r1, chat.user, 1, reason="Right")
+    store.set_vote(chat.r1, chat.user, -1, reason="Wrong after all")
+    store.set_vote(chat.r2, chat.users[1], -1)
+    assert [(v["reply_id"], v["value"], v["reason"]) for v in read_snapshot(store.path).votes] == [
+        (chat.r1, -1, "Wrong after all"), (chat.r2, -1, "")]
+
+
+def test_the_trainer_and_the_store_share_one_definition_of_a_pair():
+    import assistant.feedback.pairs as pairs
+    import trainer.data as data
+    for name in ("Pair", "Pointwise", "Examples", "Snapshot", "read_snapshot", "build_examples", "to_prompt",
+                 "prompt_messages"):
+        assert getattr(data, name) is getattr(pairs, name), name
+
+
+def test_pairs_load_without_the_trainer():
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = "import sys, assistant.feedback.pairs; print(sorted(m for m in sys.modules if m.split('.')[0] == 'trainer'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_since_beyond_the_database_is_refused(store, chat):

@@ -1,4 +1,4 @@
-"""Tests for assistant/feedback.py: schema, writes, errors, exports, CLI, concurrency.
+"""Tests for the assistant/feedback/ package: schema, writes, errors, exports, CLI, concurrency.
 
 Every test builds its own database under tmp_path; nothing needs a model or a network.
 Run: python -m pytest tests/test_feedback.py -q
@@ -99,7 +99,7 @@ def test_reopening_applies_only_missing_migrations(tmp_path, monkeypatch):
         calls.append(1)
         db.execute("CREATE TABLE tags (id INTEGER PRIMARY KEY, name TEXT)")
 
-    monkeypatch.setattr(feedback, "MIGRATIONS", MIGRATIONS + [add_tags])
+    monkeypatch.setattr(feedback.schema, "MIGRATIONS", MIGRATIONS + [add_tags])
     FeedbackStore(path).close()
     FeedbackStore(path).close()
     assert calls == [1]
@@ -114,7 +114,7 @@ def test_failed_migration_changes_nothing(tmp_path, monkeypatch):
         db.execute("CREATE TABLE half_done (id INTEGER PRIMARY KEY)")
         raise RuntimeError("migration bug")
 
-    monkeypatch.setattr(feedback, "MIGRATIONS", MIGRATIONS + [broken])
+    monkeypatch.setattr(feedback.schema, "MIGRATIONS", MIGRATIONS + [broken])
     with pytest.raises(RuntimeError, match="migration bug"):
         FeedbackStore(path)
     assert query(path, "SELECT name FROM sqlite_master WHERE name = 'half_done'") == []
@@ -129,7 +129,7 @@ def dump(path: Path) -> dict[str, list[tuple]]:
 def test_v3_migration_keeps_every_row_and_id_and_allows_rank_replies(tmp_path, monkeypatch):
     path = tmp_path / "feedback.db"
     with monkeypatch.context() as m:  # a database written by the code of schema version 2
-        m.setattr(feedback, "MIGRATIONS", MIGRATIONS[:2])
+        m.setattr(feedback.schema, "MIGRATIONS", MIGRATIONS[:2])
         with FeedbackStore(path) as old:
             user = old.ensure_user("ada", profile="physician")
             conv = old.new_conversation(user, system_prompt="Be brief.")
@@ -156,7 +156,9 @@ def test_v3_migration_keeps_every_row_and_id_and_allows_rank_replies(tmp_path, m
             store.db().execute("INSERT INTO votes (reply_id, user_id, value, created_at, updated_at) VALUES (999, ?, 1, 'x', 'x')", [user])
         store.set_vote(r2, user, 1)  # the references still resolve through the rebuilt table
         out = tmp_path / "pref.jsonl"
-        assert store.export("preference", out) == 1 + 1 + 3 + 1  # comparison, correction, ranking pairs, import
+        # comparison, correction, the ranking's 3 pairs, import; the comparison, the ranking
+        # and the votes (4 down, Four. up) agree on Four. ≻ 4: one pair
+        assert store.export("preference", out) == 1 + 3 + 1
     assert query(path, "PRAGMA foreign_key_check") == []
     assert query(path, "PRAGMA integrity_check") == [("ok",)]
     assert query(path, "SELECT name FROM sqlite_master WHERE tbl_name = 'replies' AND type = 'index'") == [("idx_replies_conversation_id",)]
@@ -165,7 +167,7 @@ def test_v3_migration_keeps_every_row_and_id_and_allows_rank_replies(tmp_path, m
 def test_migration_that_would_leave_broken_references_changes_nothing(tmp_path, monkeypatch):
     path = tmp_path / "feedback.db"
     with monkeypatch.context() as m:
-        m.setattr(feedback, "MIGRATIONS", MIGRATIONS[:2])
+        m.setattr(feedback.schema, "MIGRATIONS", MIGRATIONS[:2])
         FeedbackStore(path).close()
     conn = sqlite3.connect(path)  # foreign keys off, as any other program opens it
     conn.execute("INSERT INTO users (id, name, created_at) VALUES (1, 'ada', 'x')")
@@ -427,16 +429,43 @@ def test_export_preference_pairs(store, chat, tmp_path):
     store.add_comparison(chat.r1, chat.r2, "tie", chat.user)    # no pair
     store.add_comparison(chat.r1, chat.r2, "both_bad", chat.user)  # no pair
     store.add_correction(chat.r3, "Blue, like the sky.", chat.user)
-    store.add_ranking([r4, chat.r1, chat.r2], chat.user)
+    store.add_ranking([r4, chat.r1, chat.r2], chat.user)  # its 4 > Four. contradicts the comparison
     out = tmp_path / "pref.jsonl"
-    assert store.export("preference", out) == 5
+    assert store.export("preference", out) == 4
     assert read_jsonl(out) == [
-        {"prompt": CTX, "chosen": assistant("Four."), "rejected": assistant("4")},
+        {"prompt": CTX, "chosen": assistant("Four."), "rejected": assistant("4")},  # 1 to 1: the first judgement
         {"prompt": OTHER_CTX, "chosen": assistant("Blue, like the sky."), "rejected": assistant("Blue.")},
         {"prompt": CTX, "chosen": assistant("It is four."), "rejected": assistant("4")},
         {"prompt": CTX, "chosen": assistant("It is four."), "rejected": assistant("Four.")},
-        {"prompt": CTX, "chosen": assistant("4"), "rejected": assistant("Four.")},
     ]
+
+
+def test_export_preference_merges_repeated_judgements_into_the_majority(store, chat, tmp_path):
+    bob, eve = store.ensure_user("bob"), store.ensure_user("eve")
+    store.add_comparison(chat.r1, chat.r2, "a", chat.user)  # 4 > Four.
+    store.add_comparison(chat.r2, chat.r1, "a", bob)        # Four. > 4
+    store.add_comparison(chat.r1, chat.r2, "b", eve)        # Four. > 4
+    out = tmp_path / "pref.jsonl"
+    assert store.export("preference", out) == 1
+    assert read_jsonl(out) == [{"prompt": CTX, "chosen": assistant("Four."), "rejected": assistant("4")}]
+
+
+def test_export_preference_holds_the_pairs_the_trainer_trains_on(store, chat, tmp_path):
+    from assistant.feedback import build_examples, prompt_messages, read_snapshot
+    r4 = add_reply(store, chat.conv, "It is four.")
+    store.set_vote(chat.r1, chat.user, 1)
+    store.set_vote(chat.r2, chat.user, -1)                # up vs down on one prompt: a pair
+    store.add_comparison(r4, chat.r1, "b", chat.user)
+    store.add_ranking([chat.r2, r4], chat.user)
+    store.add_correction(chat.r3, "Blue, like the sky.", chat.user)
+    out = tmp_path / "pref.jsonl"
+    store.export("preference", out)
+    pairs = build_examples(read_snapshot(store.path)).pairs
+    assert read_jsonl(out) == [
+        {"prompt": prompt_messages(p.prompt), "chosen": assistant(p.chosen), "rejected": assistant(p.rejected)}
+        for p in pairs]
+    assert {(row["chosen"][0]["content"], row["rejected"][0]["content"]) for row in read_jsonl(out)} == {
+        ("4", "It is four."), ("Four.", "It is four."), ("Blue, like the sky.", "Blue."), ("4", "Four.")}
 
 
 def test_export_kto_labels_from_current_votes(store, chat, tmp_path):
@@ -480,6 +509,17 @@ def test_export_sft_from_upvotes_winners_and_corrections(store, chat, tmp_path):
     ]
 
 
+def test_export_sft_leaves_out_a_reply_most_people_voted_down(store, chat, tmp_path):
+    bob, eve = store.ensure_user("bob"), store.ensure_user("eve")
+    store.set_vote(chat.r1, chat.user, 1)
+    store.set_vote(chat.r1, bob, -1)
+    store.set_vote(chat.r1, eve, -1)
+    store.set_vote(chat.r2, chat.user, 1)
+    out = tmp_path / "sft.jsonl"
+    assert store.export("sft", out) == 1
+    assert read_jsonl(out) == [{"messages": CTX + assistant("Four.")}]
+
+
 def test_failed_export_leaves_the_old_file_and_no_temp_file(store, chat, tmp_path, monkeypatch):
     store.set_vote(chat.r1, chat.user, 1)
     out = tmp_path / "exports" / "kto.jsonl"
@@ -489,7 +529,7 @@ def test_failed_export_leaves_the_old_file_and_no_temp_file(store, chat, tmp_pat
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(feedback.os, "fsync", disk_full)
+    monkeypatch.setattr(feedback.export.os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
         store.export("kto", out)
     assert out.read_text() == "previous export\n"

@@ -3,7 +3,7 @@
 - `app.py` and `assistant/` never import `trainer` (the server and the trainer meet only
   through files under data/; what the server reads of the trainer's state lives in
   assistant/cycles.py and assistant/adapters.py);
-- nothing imports `app` or `trainer.__main__` (the CLI is a leaf);
+- nothing imports `app`, `trainer.__main__` or `assistant.feedback.__main__` (a CLI is a leaf);
 - no import cycle among the project's modules (module-level imports);
 - the pure modules load without torch, transformers, peft or bitsandbytes;
 - `__init__.py` files stay empty.
@@ -22,15 +22,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("assistant", "trainer")
-PURE = ("assistant.config", "assistant.feedback", "assistant.cycles", "trainer.config", "trainer.data", "trainer.gate")
+PURE = ("assistant.config", "assistant.feedback", "assistant.feedback.schema", "assistant.feedback.store",
+        "assistant.feedback.pairs", "assistant.feedback.export", "assistant.cycles", "trainer.config", "trainer.data",
+        "trainer.gate")
 MODEL_LIBRARIES = {"torch", "transformers", "peft", "bitsandbytes"}
 
 
 def modules() -> dict[str, Path]:
+    """Every module of the project by dotted name, subpackages (assistant/feedback/) included."""
     found = {"app": REPO / "app.py"}
     for package in PACKAGES:
-        for path in sorted((REPO / package).glob("*.py")):
-            found[f"{package}.{path.stem}" if path.stem != "__init__" else package] = path
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
@@ -51,7 +55,8 @@ def imports(path: Path, top_level_only: bool = False) -> set[str]:
 
 def test_every_module_is_checked():
     found = modules()
-    assert {"app", "assistant.cycles", "trainer.gate", "trainer.steps", "trainer.schedule", "trainer.__main__"} <= set(found)
+    assert {"app", "assistant.cycles", "assistant.feedback", "assistant.feedback.pairs", "assistant.feedback.__main__",
+            "trainer.gate", "trainer.steps", "trainer.schedule", "trainer.__main__"} <= set(found)
 
 
 @pytest.mark.parametrize("name", [n for n in modules() if n == "app" or n.startswith("assistant")])
@@ -61,7 +66,7 @@ def test_the_server_side_never_imports_the_trainer(name):
 
 @pytest.mark.parametrize("name", list(modules()))
 def test_nothing_imports_the_app_or_the_trainer_cli(name):
-    assert not imports(modules()[name]) & {"app", "trainer.__main__"}, name
+    assert not imports(modules()[name]) & {"app", "trainer.__main__", "assistant.feedback.__main__"}, name
 
 
 def test_no_import_cycles_among_project_modules():

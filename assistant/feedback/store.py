@@ -1,42 +1,31 @@
-"""The feedback store: every reply the assistant gives, and everything users say about it, in SQLite.
+"""`FeedbackStore`: writes and reads of the feedback database, one short transaction each.
 
-What it is: `FeedbackStore`, a thin layer over one SQLite file (default
-`data/feedback.db`) reached through sqlite-utils. It records users, conversations,
-user turns, and every assistant reply together with what training needs to reuse it:
-the full context the reply was generated from (system prompt included), generation
-parameters, model name, adapter version, token counts and latency. On top of replies
-it records four kinds of feedback: thumbs up/down votes with their reasons (current
-vote per user and reply, plus the full history in `vote_events`), side-by-side
-comparisons, corrections (an edited, better reply) and rankings of k replies (or, when
-the person could not rank them, a tie of every pair). It exports them as JSONL in the
-conversational formats TRL's trainers read: preference (`prompt/chosen/rejected`),
-KTO (`prompt/completion/label`, plus the vote's `reason`) and SFT (`messages`). Preference pairs from public
-data sets come in through `import_pair` (the file reader is `trainer/data.py`): each
-is stored as a comparison by user "import", once, however often its file is imported.
+What it is: a thin layer over one SQLite file (default `data/feedback.db`) reached
+through sqlite-utils. It records users, conversations, user turns, and every assistant
+reply together with what training needs to reuse it: the full context the reply was
+generated from (system prompt included), generation parameters, model name, adapter
+version, token counts and latency. On top of replies it records four kinds of
+feedback: thumbs up/down votes with their reasons (current vote per user and reply,
+plus the full history in `vote_events`), side-by-side comparisons, corrections (an
+edited, better reply) and rankings of k replies (or, when the person could not rank
+them, a tie of every pair). Preference pairs from public data sets come in through
+`import_pair`: each is stored as a comparison by user "import", once, however often
+its file is imported. Every argument is checked before anything is written.
 
 How it behaves under load: the file runs in WAL mode with `synchronous=NORMAL`, so
 the trainer can read while the chat server writes. Each thread gets its own
 connection. Every write is one short `BEGIN IMMEDIATE` transaction (reads that decide
 a write happen inside it), and writes from one process are also serialised by an
 in-process lock that serves threads in arrival order, so many UI threads queue in
-Python instead of in SQLite's sleeping busy handler. Bad input raises `FeedbackError` (a `ValueError`); a database that is
-locked past the busy timeout, read-only, damaged or unopenable raises
-`StoreUnavailable` (a `RuntimeError`) with a message a user can read. A failed write
-stores nothing.
+Python instead of in SQLite's sleeping busy handler. Bad input raises `FeedbackError`
+(a `ValueError`); a database that is locked past the busy timeout, read-only, damaged
+or unopenable raises `StoreUnavailable` (a `RuntimeError`) with a message a user can
+read. A failed write stores nothing.
 
-What it is not: no model code (nothing here imports torch or transformers), no
-UI, and no training-data shaping beyond the three export formats; turning feedback
-into reward-model pairs or pointwise labels belongs to `trainer/data.py`. Rows are
-never deleted; the only updates are a user's profile and a user's current vote on a
-reply (its history stays in `vote_events`).
-
-How to run it:
-
-    python -m assistant.feedback stats                        # rows per table
-    python -m assistant.feedback export --format preference out/pref.jsonl
-    python -m assistant.feedback export --format kto out/kto.jsonl --db data/feedback.db
-
-From code:
+What it is not: the tables themselves (schema.py), turning feedback into pairs
+(pairs.py) or export files (export.py). Rows are never deleted; the only updates are
+a user's profile and a user's current vote on a reply (its history stays in
+`vote_events`).
 
     store = FeedbackStore("data/feedback.db")
     uid = store.ensure_user("ada", profile="physician")
@@ -48,7 +37,6 @@ From code:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import datetime
@@ -57,26 +45,18 @@ import json
 import math
 import os
 import sqlite3
-import sys
-import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import sqlite_utils
 
+import assistant.feedback.schema as schema
+from assistant.feedback.schema import CHOICES, ROLES, SOURCES, TABLES, VOTE_VALUES
+
 DEFAULT_PATH = "data/feedback.db"
-ROLES = ("system", "user", "assistant")
-SOURCES = ("chat", "regenerate", "compare", "rank")
-CHOICES = ("a", "b", "tie", "both_bad")
-VOTE_VALUES = (1, -1, 0)  # up, down, removed
-EXPORT_FORMATS = ("preference", "kto", "sft")
 MAX_NAME_CHARS = 100
-TABLES = (
-    "users", "conversations", "messages", "replies", "votes", "vote_events",
-    "comparisons", "corrections", "rankings",
-)
 
 
 class FeedbackError(ValueError):
@@ -85,151 +65,6 @@ class FeedbackError(ValueError):
 
 class StoreUnavailable(RuntimeError):
     """The database cannot be used right now: locked, read-only, missing or damaged."""
-
-
-# ---------------------------------------------------------------------------
-# Schema. MIGRATIONS[i] takes the schema from version i to version i + 1. Each runs
-# inside the same BEGIN IMMEDIATE transaction as the row recording it in
-# `schema_version`, so a migration is applied completely or not at all. Append new
-# migrations at the end; never edit one that has shipped.
-
-
-def _replies_table(name: str, sources: tuple[str, ...]) -> str:
-    """CREATE TABLE of the replies table under `name`; the schema versions differ only in
-    the sources they allow."""
-    allowed = ", ".join(f"'{x}'" for x in sources)
-    return f"""CREATE TABLE {name} (
-            id INTEGER PRIMARY KEY,
-            conversation_id TEXT NOT NULL REFERENCES conversations(id),
-            context TEXT NOT NULL,                  -- JSON [{{role, content}}...], system prompt included
-            text TEXT NOT NULL,
-            params TEXT NOT NULL,                   -- JSON {{temperature, top_p, max_new_tokens, variant...}}
-            model TEXT NOT NULL,
-            adapter_version TEXT NOT NULL,
-            prompt_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            latency_ms REAL NOT NULL,
-            ttft_ms REAL,                           -- NULL when not streamed
-            finish_reason TEXT NOT NULL,
-            source TEXT NOT NULL CHECK (source IN ({allowed})),
-            created_at TEXT NOT NULL
-        )"""
-
-
-def _v1_initial_schema(db: sqlite_utils.Database) -> None:
-    statements = [
-        """CREATE TABLE users (
-            id INTEGER PRIMARY KEY,
-            name TEXT UNIQUE NOT NULL,
-            profile TEXT NOT NULL DEFAULT '',       -- free text: role, expertise...
-            created_at TEXT NOT NULL
-        )""",
-        """CREATE TABLE conversations (
-            id TEXT PRIMARY KEY,                    -- uuid4 hex
-            user_id INTEGER REFERENCES users(id),   -- NULL: anonymous
-            system_prompt TEXT NOT NULL DEFAULT '',
-            created_at TEXT NOT NULL
-        )""",
-        """CREATE TABLE messages (
-            id INTEGER PRIMARY KEY,
-            conversation_id TEXT NOT NULL REFERENCES conversations(id),
-            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-            content TEXT NOT NULL,                  -- as sent
-            created_at TEXT NOT NULL
-        )""",
-        _replies_table("replies", ("chat", "regenerate", "compare")),
-        """CREATE TABLE votes (                     -- the current vote of one user on one reply
-            id INTEGER PRIMARY KEY,
-            reply_id INTEGER NOT NULL REFERENCES replies(id),
-            user_id INTEGER NOT NULL REFERENCES users(id),
-            value INTEGER NOT NULL CHECK (value IN (1, -1, 0)),
-            reason TEXT NOT NULL DEFAULT '',
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL,
-            UNIQUE (reply_id, user_id)
-        )""",
-        """CREATE TABLE vote_events (               -- every change to a vote, oldest first
-            id INTEGER PRIMARY KEY,
-            vote_id INTEGER NOT NULL REFERENCES votes(id),
-            value INTEGER NOT NULL CHECK (value IN (1, -1, 0)),
-            reason TEXT NOT NULL DEFAULT '',
-            created_at TEXT NOT NULL
-        )""",
-        """CREATE TABLE comparisons (
-            id INTEGER PRIMARY KEY,
-            reply_a_id INTEGER NOT NULL REFERENCES replies(id),
-            reply_b_id INTEGER NOT NULL REFERENCES replies(id),
-            choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
-            user_id INTEGER NOT NULL REFERENCES users(id),
-            created_at TEXT NOT NULL,
-            CHECK (reply_a_id <> reply_b_id)
-        )""",
-        """CREATE TABLE corrections (
-            id INTEGER PRIMARY KEY,
-            reply_id INTEGER NOT NULL REFERENCES replies(id),  -- the original, left untouched
-            text TEXT NOT NULL,                                -- the edited, better reply
-            user_id INTEGER NOT NULL REFERENCES users(id),
-            created_at TEXT NOT NULL
-        )""",
-        """CREATE TABLE rankings (
-            id INTEGER PRIMARY KEY,
-            reply_ids TEXT NOT NULL,                -- JSON list of reply ids, best first
-            user_id INTEGER NOT NULL REFERENCES users(id),
-            created_at TEXT NOT NULL
-        )""",
-        # One index per foreign key. votes.reply_id is covered by the UNIQUE
-        # (reply_id, user_id) index, whose first column it is.
-        "CREATE INDEX idx_conversations_user_id ON conversations(user_id)",
-        "CREATE INDEX idx_messages_conversation_id ON messages(conversation_id)",
-        "CREATE INDEX idx_replies_conversation_id ON replies(conversation_id)",
-        "CREATE INDEX idx_votes_user_id ON votes(user_id)",
-        "CREATE INDEX idx_vote_events_vote_id ON vote_events(vote_id)",
-        "CREATE INDEX idx_comparisons_reply_a_id ON comparisons(reply_a_id)",
-        "CREATE INDEX idx_comparisons_reply_b_id ON comparisons(reply_b_id)",
-        "CREATE INDEX idx_comparisons_user_id ON comparisons(user_id)",
-        "CREATE INDEX idx_corrections_reply_id ON corrections(reply_id)",
-        "CREATE INDEX idx_corrections_user_id ON corrections(user_id)",
-        "CREATE INDEX idx_rankings_user_id ON rankings(user_id)",
-    ]
-    for sql in statements:
-        db.execute(sql)
-
-
-def _v2_imports(db: sqlite_utils.Database) -> None:
-    """One row per preference pair imported from a file, so importing it again adds nothing."""
-    db.execute("""CREATE TABLE imports (
-        id INTEGER PRIMARY KEY,
-        key TEXT UNIQUE NOT NULL,                           -- sha256 of the canonical JSON [prompt, chosen, rejected]
-        comparison_id INTEGER NOT NULL REFERENCES comparisons(id),
-        source_file TEXT NOT NULL,                          -- the file's name, as given to import_pair
-        created_at TEXT NOT NULL
-    )""")
-    db.execute("CREATE INDEX idx_imports_comparison_id ON imports(comparison_id)")
-
-
-def _v3_rank_source(db: sqlite_utils.Database) -> None:
-    """Allow replies.source 'rank': the k replies generated for one ranking.
-
-    SQLite cannot change a CHECK constraint in place, so `replies` is rebuilt the way
-    SQLite documents it: create the new table, copy every row with its id, drop the old
-    table, rename the new one into its place and recreate its index. `_migrate` runs
-    migrations with foreign-key enforcement off (dropping `replies` must not touch the
-    votes, comparisons and corrections that point at it) and checks every reference
-    before it commits."""
-    columns = ("id, conversation_id, context, text, params, model, adapter_version, prompt_tokens, "
-               "completion_tokens, latency_ms, ttft_ms, finish_reason, source, created_at")
-    db.execute(_replies_table("replies_v3", ("chat", "regenerate", "compare", "rank")))
-    db.execute(f"INSERT INTO replies_v3 ({columns}) SELECT {columns} FROM replies")
-    db.execute("DROP TABLE replies")
-    db.execute("ALTER TABLE replies_v3 RENAME TO replies")
-    db.execute("CREATE INDEX idx_replies_conversation_id ON replies(conversation_id)")
-
-
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _v1_initial_schema,
-    _v2_imports,
-    _v3_rank_source,
-]
 
 
 # ---------------------------------------------------------------------------
@@ -310,10 +145,6 @@ def import_key(prompt: list[dict[str, str]], chosen: str, rejected: str) -> str:
     """The identity of an imported preference pair: sha256 of its canonical JSON."""
     canonical = json.dumps([prompt, chosen, rejected], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def _assistant(text: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": text}]
 
 
 class _FairLock:
@@ -519,7 +350,7 @@ class FeedbackStore:
         return db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
 
     def schema_version(self) -> int:
-        """The highest migration applied to the file (len(MIGRATIONS) once open)."""
+        """The highest migration applied to the file (len(schema.MIGRATIONS) once open)."""
         with self._read() as db:
             return self._schema_version(db)
 
@@ -527,7 +358,7 @@ class FeedbackStore:
         if not self.readonly:
             with self._errors(write=True):
                 self.db().enable_wal()  # persistent in the file; a no-op once set
-        target = len(MIGRATIONS)
+        target = len(schema.MIGRATIONS)
         current = self.schema_version()
         if current > target:
             raise StoreUnavailable(
@@ -552,7 +383,7 @@ class FeedbackStore:
                            "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
                 # Re-read under the write lock: another process may have migrated meanwhile.
                 for version in range(self._schema_version(db) + 1, target + 1):
-                    MIGRATIONS[version - 1](db)
+                    schema.MIGRATIONS[version - 1](db)
                     _insert(db, "schema_version", {"version": version, "applied_at": _now()})
                 broken = db.execute("PRAGMA foreign_key_check").fetchall()
                 if broken:
@@ -820,150 +651,10 @@ class FeedbackStore:
             return {table: db.table(table).count for table in TABLES}
 
     def export(self, fmt: str, out_path: str | os.PathLike) -> int:
-        """Write one TRL-style JSONL file from one snapshot; returns the rows written.
-
-        preference: {"prompt", "chosen", "rejected"} from comparisons won by a or b
-            (ties and both_bad give no pair), corrections (edited over original) and
-            every pair a ranking implies.
-        kto: {"prompt", "completion", "label", "reason"} from current up (true) and
-            down (false) votes, with the reason given with the vote ("" when none);
-            removed votes are skipped.
-        sft: {"messages"} from replies with an up vote, comparison winners and
-            corrections (the edited text), each (context, text) once.
-        The file appears complete or not at all (temp file, fsync, os.replace).
-        """
-        if fmt not in EXPORT_FORMATS:
-            raise FeedbackError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-        rows_for = {"preference": _preference_rows, "kto": _kto_rows, "sft": _sft_rows}[fmt]
-        with self._read() as db:
-            rows = list(rows_for(db))
-        _write_jsonl_atomic(Path(out_path), rows)
-        return len(rows)
-
-
-# ---------------------------------------------------------------------------
-# Export: queries that turn stored feedback into TRL's conversational formats.
-
-
-def _preference_rows(db: sqlite_utils.Database) -> Iterator[dict]:
-    compared = list(db.query("""
-        SELECT a.context, a.text AS text_a, b.text AS text_b, c.choice
-        FROM comparisons c
-        JOIN replies a ON a.id = c.reply_a_id
-        JOIN replies b ON b.id = c.reply_b_id
-        WHERE c.choice IN ('a', 'b')
-        ORDER BY c.id"""))
-    for row in compared:
-        chosen, rejected = (row["text_a"], row["text_b"]) if row["choice"] == "a" else (row["text_b"], row["text_a"])
-        yield {"prompt": json.loads(row["context"]), "chosen": _assistant(chosen), "rejected": _assistant(rejected)}
-    corrected = list(db.query("""
-        SELECT r.context, k.text AS chosen, r.text AS rejected
-        FROM corrections k JOIN replies r ON r.id = k.reply_id
-        ORDER BY k.id"""))
-    for row in corrected:
-        yield {"prompt": json.loads(row["context"]), "chosen": _assistant(row["chosen"]),
-               "rejected": _assistant(row["rejected"])}
-    for ranking in list(db.query("SELECT reply_ids FROM rankings ORDER BY id")):
-        ids = json.loads(ranking["reply_ids"])  # best first; all share one context
-        replies = {r["id"]: r for r in db.query(
-            f"SELECT id, context, text FROM replies WHERE id IN ({', '.join('?' * len(ids))})", ids)}
-        prompt = json.loads(replies[ids[0]]["context"])
-        for i, better in enumerate(ids):
-            for worse in ids[i + 1:]:
-                yield {"prompt": prompt, "chosen": _assistant(replies[better]["text"]),
-                       "rejected": _assistant(replies[worse]["text"])}
-
-
-def _kto_rows(db: sqlite_utils.Database) -> Iterator[dict]:
-    for row in list(db.query("""
-        SELECT r.context, r.text, v.value, v.reason
-        FROM votes v JOIN replies r ON r.id = v.reply_id
-        WHERE v.value != 0
-        ORDER BY v.id""")):
-        yield {"prompt": json.loads(row["context"]), "completion": _assistant(row["text"]), "label": row["value"] == 1,
-               "reason": row["reason"]}
-
-
-def _sft_rows(db: sqlite_utils.Database) -> Iterator[dict]:
-    upvoted = list(db.query("""
-        SELECT context, text FROM replies
-        WHERE id IN (SELECT reply_id FROM votes WHERE value = 1)
-        ORDER BY id"""))
-    winners = list(db.query("""
-        SELECT w.context, w.text
-        FROM comparisons c
-        JOIN replies w ON w.id = CASE c.choice WHEN 'a' THEN c.reply_a_id ELSE c.reply_b_id END
-        WHERE c.choice IN ('a', 'b')
-        ORDER BY c.id"""))
-    corrected = list(db.query("""
-        SELECT r.context, k.text
-        FROM corrections k JOIN replies r ON r.id = k.reply_id
-        ORDER BY k.id"""))
-    seen: set[tuple[str, str]] = set()
-    for row in upvoted + winners + corrected:
-        key = (row["context"], row["text"])
-        if key not in seen:
-            seen.add(key)
-            yield {"messages": json.loads(row["context"]) + _assistant(row["text"])}
-
-
-def _write_jsonl_atomic(out_path: Path, rows: list[dict]) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an export is meant to be shared
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------
-# Command line.
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m assistant.feedback",
-        description="Inspect and export the feedback database. Opens it read-only; never creates one.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    export = commands.add_parser(
-        "export", help="write feedback as TRL-style JSONL",
-        description="Write feedback as JSONL in a format TRL's trainers read. "
-                    "preference: prompt/chosen/rejected (DPO, reward models); "
-                    "kto: prompt/completion/label/reason (KTO); sft: messages (SFT).",
-    )
-    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="which dataset to write")
-    export.add_argument("out", metavar="OUT.jsonl", help="output file, replaced atomically")
-    stats = commands.add_parser("stats", help="print rows per table", description="Print rows per table.")
-    for sub in (export, stats):
-        sub.add_argument("--db", default=DEFAULT_PATH, help=f"feedback database (default: {DEFAULT_PATH})")
-    args = parser.parse_args(argv)
-
-    if not Path(args.db).is_file():
-        print(f"error: no feedback database at {args.db} (the chat app creates it; pass --db PATH "
-              f"to read another)", file=sys.stderr)
-        return 2
-    try:
-        with FeedbackStore(args.db, readonly=True) as store:
-            if args.command == "export":
-                n = store.export(args.format, args.out)
-                print(f"wrote {n} {args.format} rows to {args.out}")
-            else:
-                for table, n in store.counts().items():
-                    print(f"{table:<14} {n:>8}")
-    except (StoreUnavailable, FeedbackError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        """Write one TRL-style JSONL file (`fmt`: preference, kto or sft) from one
+        snapshot; returns the rows written. The formats, and which feedback each row
+        comes from, are described in export.py."""
+        # Imported here: export.py builds on this module (and on pairs.py, which reads
+        # through a FeedbackStore), so a module-level import would be circular.
+        from assistant.feedback.export import export
+        return export(self, fmt, out_path)
