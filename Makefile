@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-fast browser model bench-deps bench-serve bench-reward bench-ppo bench-swap bench-loop clean
+.PHONY: venv run test test-fast browser model bench-deps bench-serve bench-reward bench-ppo bench-swap bench-loop bench-gpu bench-gpu-wheels clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,14 @@ bench-swap: model
 
 bench-loop: model
 	$(PY) bench/loop.py $(ARGS)
+
+# The GPU benchmark, on a machine with torch and transformers (no venv, no network needed there):
+# bench/gpu.sh installs what is missing from bench/wheels/, which `make bench-gpu-wheels` prepares here.
+bench-gpu:
+	bash bench/gpu.sh $(ARGS)
+
+bench-gpu-wheels: venv
+	bash bench/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -92,12 +92,10 @@ Markdown tables and writes bench/results/loop-PREFERENCE.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import html
 import json
 import math
 import os
-import platform
 import queue
 import random
 import re
@@ -121,10 +119,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models only from local paths
 from gradio_client import Client  # noqa: E402
 
 from assistant.config import DEFAULT_MODEL, ServeArgs  # noqa: E402
+from bench.common import RESULTS, SEED_TASKS, SYSTEM, machine, seed_tasks, task_prompt, write_results  # noqa: E402
 from trainer.config import POLICY_STEPS, PolicyArgs  # noqa: E402  (stdlib-only dataclasses)
 
-SEED_TASKS = ROOT.parent / "shared" / "data" / "seed-tasks.jsonl"
-SYSTEM = "You are a helpful assistant."
 VERSION_RE = re.compile(r"serving adapter `([^`]+)`")
 TQDM_STEP = re.compile(r"^(?P<desc>[^:|]+):\s+\d+%\|[^|]*\|\s*(?P<step>\d+/\d+)")  # a tqdm bar's "name: 40%|███ | 4/10"
 LOG_LINE_START = re.compile(r"(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} )")  # a log line glued to a tqdm update
@@ -313,27 +310,16 @@ def correction(pref, text: str, task: dict) -> str | None:
 # -- prompts -----------------------------------------------------------------------------
 
 
-def task_prompt(task: dict) -> str:
-    """One user message: the instruction, then the task's input when it has one (as bench/ppo.py)."""
-    text = task["instruction"].strip()
-    extra = task["instances"][0]["input"].strip()
-    return f"{text}\n\n{extra}" if extra else text
-
-
 def split_prompts(max_chars: int, heldout: int, feedback: int, cycles: int, seed: int,
                   path: Path = SEED_TASKS) -> tuple[list[dict], list[list[dict]]]:
     """(held-out tasks, one list of feedback tasks per cycle): seed tasks with distinct user messages
     of at most max_chars, shuffled with `seed`. Each task is the seed task's dict plus "prompt" (the
     user message); its reference output stays at task["instances"][0]["output"]."""
-    if not path.exists():
-        sys.exit(f"error: {path} not found; the benchmark's prompts come from it")
     by_prompt: dict[str, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            task = json.loads(line)
-            prompt = task_prompt(task)
-            if len(prompt) <= max_chars:
-                by_prompt.setdefault(prompt, {**task, "prompt": prompt})
+    for task in seed_tasks(path):
+        prompt = task_prompt(task)
+        if len(prompt) <= max_chars:
+            by_prompt.setdefault(prompt, {**task, "prompt": prompt})
     tasks = list(by_prompt.values())
     random.Random(seed).shuffle(tasks)
     need = heldout + cycles * feedback
@@ -604,16 +590,6 @@ def run_trainer(cmd: list[str], log_path: Path) -> int:
                 proc.wait()
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}"
-
-
 # -- one cycle's figures, the summary, the report ------------------------------------------------
 
 
@@ -861,7 +837,7 @@ def main() -> None:
     if args.model == DEFAULT_MODEL and not (ROOT / "data" / "models" / DEFAULT_MODEL / "config.json").exists():
         sys.exit(f"error: the default model is not prepared under data/models/{DEFAULT_MODEL}; run `make model` first")
     suffix = "" if args.policy_step == PolicyArgs.policy_step else f"-{args.policy_step}"
-    out = Path(args.out or ROOT / "bench" / "results" / f"loop-{args.preference}{suffix}.json")
+    out = Path(args.out or RESULTS / f"loop-{args.preference}{suffix}.json")
 
     from tests.server import running_app
 
@@ -884,7 +860,7 @@ def main() -> None:
     trainer_cmd = [sys.executable, "-m", "trainer", "once", *file_flags, *model_flags, *step_flags, *shlex.split(args.trainer_args)]
     result: dict = {
         "command": "python bench/loop.py " + shlex.join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": machine(with_torch=False),
         "args": vars(args),
         "labels": labels,
         "preference": {"name": pref.name, "description": pref.description, "rule": (type(pref).__doc__ or "").strip(), "control": pref.control},
@@ -1009,8 +985,7 @@ def main() -> None:
         result["summary"] = summarize(cycles, labels, pref.control)
         result["loadavg_end"] = os.getloadavg()
         result["work_dir"] = str(tmp) if args.keep else None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str))
+        write_results(out, result)
         if args.keep:
             print(f"\nkept {tmp}")
         else:

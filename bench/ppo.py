@@ -43,11 +43,8 @@ Prints per-iteration tables and writes bench/results/ppo.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -65,23 +62,16 @@ from assistant.config import DEFAULT_MODEL, ModelArgs  # noqa: E402
 from assistant.model import lora_config, resolve_device, resolve_model_path, resolve_quantize  # noqa: E402
 from trainer import ppo  # noqa: E402
 from trainer.config import RewardArgs  # noqa: E402
+from bench.common import RESULTS, library_versions, machine, seed_tasks, task_prompt, write_results  # noqa: E402
 from trainer.data import Examples, Pair, to_prompt  # noqa: E402
-
-SEED_TASKS = ROOT.parent / "shared" / "data" / "seed-tasks.jsonl"
 
 
 # -- prompts and the hidden rule ---------------------------------------------------
 
 
-def seed_tasks() -> list[dict]:
-    return [json.loads(line) for line in SEED_TASKS.read_text().splitlines() if line.strip()]
-
-
-def task_prompt(task: dict) -> list[dict]:
-    """One user message: the instruction, then the task's input when it has one."""
-    text = task["instruction"].strip()
-    extra = task["instances"][0]["input"].strip()
-    return [{"role": "user", "content": f"{text}\n\n{extra}" if extra else text}]
+def task_messages(task: dict) -> list[dict]:
+    """The conversation PPO rolls out from: the task as one user message."""
+    return [{"role": "user", "content": task_prompt(task)}]
 
 
 def concise_score(tokenizer, max_new_tokens: int):
@@ -116,7 +106,7 @@ def synthetic_pairs(tasks: list[dict], min_long_words: int = 40) -> list[Pair]:
         while len(long.split()) < min_long_words:
             long += " Also, " + answers[j % len(answers)]
             j += 1
-        pairs.append(Pair(to_prompt(task_prompt(task)), chosen, long, conversation_id=task["id"], kind="comparison"))
+        pairs.append(Pair(to_prompt(task_messages(task)), chosen, long, conversation_id=task["id"], kind="comparison"))
     return pairs
 
 
@@ -352,29 +342,6 @@ def run_trl(model_args: ModelArgs, prompts: list[list[dict]], cfg: ppo.PPOConfig
 # -- report ------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, {platform.platform()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def library_versions() -> dict:
-    import peft
-    import transformers
-
-    out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-    with contextlib.suppress(ImportError):
-        import trl
-
-        out["trl"] = trl.__version__
-    return out
-
-
 def ours_table(history: list[dict], hidden: list | None = None) -> list[str]:
     head = "| iter | objective/scores | with EOS penalty | objective/kl | ended | length | rollout s | score s | reference s | update s | gen tok/s |"
     if hidden is not None:
@@ -448,7 +415,7 @@ def main() -> None:
     ap.add_argument("--rm-lr", type=float, default=RewardArgs.reward_lr, help="reward-model learning rate")
     ap.add_argument("--skip-rm", action="store_true", help="skip scenario 2 (reward model)")
     ap.add_argument("--skip-trl", action="store_true", help="skip the TRL baseline")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ppo.json"))
+    ap.add_argument("--out", default=str(RESULTS / "ppo.json"))
     args = ap.parse_args()
     if args.batch_size % 2:
         ap.error("--batch-size must be even (TRL's 'same rollouts' run uses batch-size/2 prompts × 2 replies)")
@@ -460,7 +427,7 @@ def main() -> None:
     resolve_model_path(model_args)  # prepares the default model once
     torch.manual_seed(args.seed)
     tasks = seed_tasks()
-    prompts = [task_prompt(t) for t in tasks[: args.prompts]]
+    prompts = [task_messages(t) for t in tasks[: args.prompts]]
     cfg = ppo_config(args)
     result: dict = {"machine": machine(), "versions": library_versions(), "args": vars(args), "ppo_config": vars(cfg),
                     "command": "python bench/ppo.py " + " ".join(sys.argv[1:])}
@@ -508,10 +475,7 @@ def main() -> None:
         print("\n".join(phase_table(ours, trls)))
         result["ratios"] = {name: {"ours_over_trl_per_rollout": ours["seconds_per_rollout"] / t["seconds_per_rollout"],
                                    "ours_over_trl_per_prompt": ours["seconds_per_prompt"] / t["seconds_per_prompt"]} for name, t in trls.items()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_results(args.out, result)}")
 
 
 if __name__ == "__main__":

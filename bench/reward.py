@@ -45,9 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -62,10 +60,9 @@ import trainer.reward as reward  # noqa: E402
 from assistant.config import DEFAULT_MODEL, ModelArgs  # noqa: E402
 from assistant.feedback import FeedbackStore  # noqa: E402
 from assistant.model import resolve_device, resolve_model_path, resolve_quantize  # noqa: E402
+from bench.common import HH_HARMLESS, RESULTS, library_versions, machine, write_results  # noqa: E402
 from trainer.config import DataArgs, RewardArgs  # noqa: E402
 from trainer.data import Examples, Pair, build_examples, import_preferences, prompt_messages, read_snapshot, split  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
 
 
 # -- data ------------------------------------------------------------------------
@@ -388,29 +385,6 @@ def run_trl(model_args: ModelArgs, reward_args: RewardArgs, train: list[Pair], o
 # -- report ----------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, {platform.platform()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def versions() -> dict:
-    import peft
-    import transformers
-
-    out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-    with contextlib.suppress(ImportError):
-        import trl
-
-        out["trl"] = trl.__version__
-    return out
-
-
 def fmt_acc(v: dict) -> str:
     if v.get("accuracy") is None:
         return "n/a"
@@ -445,7 +419,7 @@ def table(result: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(DATA), help="preference JSONL (HH-RLHF or TRL) to import")
+    ap.add_argument("--data", default=str(HH_HARMLESS), help="preference JSONL (HH-RLHF or TRL) to import")
     ap.add_argument("--db", default=None,
                     help="feedback store the data is imported into, kept so that every run gets the same split "
                          "(default: bench/results/reward-<data file name>.db)")
@@ -465,7 +439,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads, both sides (default: torch's, one per core)")
     ap.add_argument("--no-warm-up", action="store_true", help="skip the untimed warm-up pass before the first side")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "reward.json"))
+    ap.add_argument("--out", default=str(RESULTS / "reward.json"))
     args = ap.parse_args()
     if args.threads is not None:
         if args.threads < 1:
@@ -487,7 +461,7 @@ def main() -> None:
     reward_args.validate()
     resolve_model_path(model_args)  # prepares the default model once, before anything is timed
 
-    db = Path(args.db) if args.db else ROOT / "bench" / "results" / f"reward-{Path(args.data).stem}.db"
+    db = Path(args.db) if args.db else RESULTS / f"reward-{Path(args.data).stem}.db"
     train_all, val_all, data_info = load_split(Path(args.data), db)
     train = train_all[: args.pairs] if args.pairs is not None else train_all
     val = val_all[: args.val_pairs] if args.val_pairs is not None else val_all
@@ -521,7 +495,7 @@ def main() -> None:
 
     result = {
         "machine": machine(),
-        "versions": versions(),
+        "versions": library_versions(),
         "device": str(resolve_device(model_args.device)),
         "quantize": resolve_quantize(model_args.quantize, resolve_device(model_args.device)),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
@@ -539,10 +513,7 @@ def main() -> None:
     print("\n".join(table(result)))
     ls = result["train_lengths"]
     print(f"\ntrain: {len(train)} pairs, {ls['tokens']:,} tokens (mean {ls['mean']:.0f}, max {ls['max']} per sequence), the same ids on both sides")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {out}")
+    print(f"wrote {write_results(args.out, result)}")
 
 
 if __name__ == "__main__":

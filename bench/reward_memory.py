@@ -19,12 +19,9 @@ means about 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,45 +30,20 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from assistant.config import ModelArgs, add_args, from_args  # noqa: E402
+from bench.common import HH_HARMLESS, RESULTS, RssSampler, machine, rss_mb, write_results  # noqa: E402
 from trainer.config import RewardArgs  # noqa: E402
-
-HH = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class Sampler(threading.Thread):
-    """Peak RSS since the last `take()`, sampled every `every` seconds."""
-
-    def __init__(self, every: float = 0.05):
-        super().__init__(daemon=True)
-        self.every, self.peak, self.stop = every, 0.0, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(self.every)
-
-    def take(self) -> float:
-        peak, self.peak = max(self.peak, rss_mb()), rss_mb()
-        return peak
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=160, help="fit on this many of the longest pairs")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "reward-memory.json"))
+    ap.add_argument("--out", default=str(RESULTS / "reward-memory.json"))
     add_args(ap, ModelArgs, "base model")
     add_args(ap, RewardArgs, "reward model (defaults: what `python -m trainer reward` uses)")
     ns = ap.parse_args()
     model_args, reward_args = from_args(ModelArgs, ns), from_args(RewardArgs, ns)
-    if not HH.exists():
-        sys.exit(f"error: {HH} not found")
+    if not HH_HARMLESS.exists():
+        sys.exit(f"error: {HH_HARMLESS} not found")
 
     from assistant.feedback import FeedbackStore
     from trainer import reward
@@ -80,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "feedback.db"
         with FeedbackStore(db) as store:
-            import_preferences(store, HH, progress=False)
+            import_preferences(store, HH_HARMLESS, progress=False)
         examples = build_examples(read_snapshot(db))
     from transformers import AutoTokenizer
 
@@ -95,7 +67,7 @@ def main() -> None:
     print(f"{len(pairs)} pairs of {len(examples.pairs)}, tokens per sequence (cut at {reward_args.reward_max_length}): "
           f"{min(lengths[id(p)] for p in pairs)}..{max(lengths[id(p)] for p in pairs)}; settings {vars(reward_args)}", flush=True)
 
-    sampler = Sampler()
+    sampler = RssSampler()
     start_rss = rss_mb()
     sampler.start()
     steps: list[dict] = []
@@ -112,13 +84,12 @@ def main() -> None:
     q4 = max(s["peak_rss_mb"] for s in steps[3 * n // 4 :] or steps)
     result = {
         "command": "python bench/reward_memory.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": machine(),
         "pairs": len(pairs), "reward_args": vars(reward_args), "rss_before_fit_mb": start_rss,
         "peak_rss_mb": max(s["peak_rss_mb"] for s in steps), "growth_mb": q4 - q2, "steps": steps,
         "seconds_per_step": steps[-1]["seconds"] / n, "pairs_per_s": metrics["pairs_per_s"],
     }
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(result, indent=2))
+    write_results(ns.out, result)
     print("\n| measure | value |\n| --- | --- |")
     print(f"| pairs, steps | {len(pairs)}, {n} |")
     print(f"| resident memory before the fit | {start_rss:,.0f} MB |")

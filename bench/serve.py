@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import sqlite3
 import statistics
 import sys
@@ -35,21 +33,7 @@ sys.path.insert(0, str(ROOT))
 from gradio_client import Client  # noqa: E402
 
 from assistant.feedback import FeedbackStore  # noqa: E402
-
-SEED_TASKS = ROOT.parent / "shared" / "data" / "seed-tasks.jsonl"
-SYSTEM = "You are a helpful assistant."
-
-
-def load_prompts() -> list[str]:
-    rows = [json.loads(line) for line in SEED_TASKS.read_text().splitlines()]
-    return [r["instruction"] for r in rows]
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+from bench.common import RESULTS, SYSTEM, machine, percentile, seed_tasks, write_results  # noqa: E402
 
 
 def one_stream(url: str, prompt: str, max_new_tokens: int) -> dict:
@@ -185,12 +169,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128, help="reply length cap per stream")
     ap.add_argument("--per-user", type=int, default=3, help="prompts each simulated user sends back to back")
     ap.add_argument("--app-args", default="", help="extra flags for the app this script starts, e.g. '--quantize nf4'")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    ap.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = ap.parse_args()
 
     from tests.server import running_app
 
-    prompts = load_prompts()
+    prompts = [t["instruction"] for t in seed_tasks()]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.url:
@@ -216,7 +200,7 @@ def main() -> None:
 
     base = rounds[1]["tokens_per_s"]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, {platform.platform()}",
+        "machine": machine(),
         "max_new_tokens": args.max_new_tokens,
         "app_args": args.app_args,
         "streams": {str(n): r for n, r in rounds.items()},
@@ -238,10 +222,7 @@ def main() -> None:
             print(f"| engine only (no web server), {n} stream(s): tokens/s | {engine[n]['tokens_per_s']:.1f} ({engine[n]['tokens_per_s'] / e1:.2f}x) |")
     print(f"| vote write, 32 writer threads on the store: p50 / p99 | {store_votes['p50_ms']:.2f} / {store_votes['p99_ms']:.2f} ms ({store_votes['stored_rows']} rows) |")
     print(f"| vote through the app, 32 clients: p50 / p99 | {app_votes['p50_ms']:.1f} / {app_votes['p99_ms']:.1f} ms |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_results(args.out, result)}")
 
 
 if __name__ == "__main__":

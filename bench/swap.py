@@ -38,16 +38,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +58,8 @@ from assistant import adapters  # noqa: E402
 from assistant.chat import Engine, GenParams, build_prompt  # noqa: E402
 from assistant.config import BASE_VERSION, DEFAULT_MODEL, ModelArgs  # noqa: E402
 from assistant.model import build_policy, load_base, lora_config  # noqa: E402
+from bench.common import RESULTS, SEED_TASKS, SYSTEM, machine, percentile, seed_tasks, write_results  # noqa: E402
 
-SEED_TASKS = ROOT.parent / "shared" / "data" / "seed-tasks.jsonl"
-SYSTEM = "You are a helpful assistant."
 PROBES = [  # replies to these under each version show how differently the adapters behave
     "Give me three tips for sleeping better.",
     "What is the capital of France?",
@@ -82,21 +79,12 @@ FALLBACK_PROMPTS = [
 
 
 def load_prompts() -> list[str]:
-    if not SEED_TASKS.exists():
-        return FALLBACK_PROMPTS
-    rows = [json.loads(line) for line in SEED_TASKS.read_text().splitlines() if line.strip()]
-    return [r["instruction"] for r in rows]
+    """Seed-task instructions, or a few built-in prompts where the data set is not beside the checkout."""
+    return [t["instruction"] for t in seed_tasks()] if SEED_TASKS.exists() else FALLBACK_PROMPTS
 
 
 def messages(prompt: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 # -- adapters ----------------------------------------------------------------------------
@@ -127,6 +115,39 @@ def publish_adapters(margs: ModelArgs, adapters_dir: Path, weights_of: list[int]
         out.append(adapters.publish(adapters_dir, model, "bench", manifest))
     del model, base
     return out
+
+
+@dataclass
+class SwapPlan:
+    """The adapter versions of one run of swaps, published and in order."""
+
+    initial: str  # active before the first swap
+    schedule: list[str]  # the version each swap activates, in order
+    version_of_slot: dict[str, str]  # slot -> the first version published for it (base -> base)
+    slot_of: dict[str, str]  # version -> its slot
+    published: list[str]
+
+
+def plan_swaps(margs: ModelArgs, adapters_dir: Path, slots: list[str], swaps: int, fresh: bool, scale: float, seed: int) -> SwapPlan:
+    """Publish what `swaps` swaps over `slots` need: slot 0 is active before the run and
+    swap i goes to slot (i + 1) mod len(slots). One version per adapter slot, or with
+    `fresh` one per swap to an adapter (the same weights as its slot), so that every such
+    swap loads from disk. BASE_VERSION in `slots` stands for the base model."""
+    targets = [slots[(i + 1) % len(slots)] for i in range(swaps)]
+    wanted = [s for s in [slots[0], *targets] if s != BASE_VERSION] if fresh else [s for s in slots if s != BASE_VERSION]
+    published = publish_adapters(margs, adapters_dir, [slots.index(s) for s in wanted], scale, seed)
+    if fresh:
+        it = iter(published)
+        initial = next(it)
+        schedule = [BASE_VERSION if s == BASE_VERSION else next(it) for s in targets]
+    else:
+        initial = published[0]
+        schedule = [published[slots.index(s)] if s != BASE_VERSION else BASE_VERSION for s in targets]
+    version_of_slot = {BASE_VERSION: BASE_VERSION}
+    for s, v in zip(wanted, published):
+        version_of_slot.setdefault(s, v)
+    slot_of = {v: s for s, v in zip(wanted, published)} | {BASE_VERSION: BASE_VERSION}
+    return SwapPlan(initial, schedule, version_of_slot, slot_of, published)
 
 
 # -- instrumentation (wraps, on the instances only, what the engine calls) ------------------
@@ -252,6 +273,43 @@ def wait_until(cond, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def timed_swaps(engine: Engine, probe: Probe, adapters_dir: Path, schedule: list[str], interval: float, t_swap: float,
+                t_start: float, slot_of: dict | None = None) -> list[dict]:
+    """Activate each version of `schedule` in turn, swap i at `t_swap` + i × `interval`;
+    one record per swap: the wall time of the `adapters.activate` call (`ms`) and its
+    parts from `probe` (validate, wait for the decode step, load, switch). `at` counts
+    from `t_start`; a failed swap records its error and the next one goes ahead."""
+    swaps = []
+    for i, version in enumerate(schedule):
+        time.sleep(max(0.0, t_swap + i * interval - time.perf_counter()))
+        loads_before = len(probe.loads)
+        t = time.perf_counter()
+        sw = {"i": i + 1, "to": version, "slot": (slot_of or {}).get(version, version), "at": t - t_start}
+        try:
+            sw["from"] = adapters.activate(engine, adapters_dir, version)
+            sw["error"] = None
+        except Exception as exc:
+            sw["error"] = f"{type(exc).__name__}: {exc}"
+        end = time.perf_counter()
+        job = probe.last_job
+        new_loads = probe.loads[loads_before:]
+        sw.update(
+            ms=(end - t) * 1000,
+            validate_ms=(job["queued"] - t) * 1000 if "queued" in job else None,
+            wait_step_ms=(job["started"] - job["queued"]) * 1000 if "started" in job else None,
+            job_ms=(job["done"] - job["started"]) * 1000 if "done" in job else None,
+            switched_at=job.get("started"),
+            loaded=bool(new_loads),
+            load_ms=sum(x["ms"] for x in new_loads),
+        )
+        swaps.append(sw)
+        print(f"  swap {i + 1:2d}/{len(schedule)} {sw.get('from', '?')} -> {version}: {sw['ms']:6.0f} ms "
+              f"(validate {sw['validate_ms'] or 0:.0f}, wait for step {sw['wait_step_ms'] or 0:.0f}, "
+              f"{'load ' + format(sw['load_ms'], '.0f') + ' + ' if sw['loaded'] else 'nothing to load, ' if version == BASE_VERSION else 'already loaded, '}"
+              f"switch {(sw['job_ms'] or 0) - sw['load_ms']:.0f})" + (f" FAILED: {sw['error']}" if sw["error"] else ""), flush=True)
+    return swaps
+
+
 # -- the solo check ------------------------------------------------------------------------
 
 
@@ -344,7 +402,7 @@ def main() -> None:
     ap.add_argument("--lora-scale", type=float, default=0.1, help="std of the random LoRA B weights")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "swap.json"))
+    ap.add_argument("--out", default=str(RESULTS / "swap.json"))
     args = ap.parse_args()
     # peft says so each time the adapter it had active is unloaded; the engine re-selects
     # adapters before the next step anyway.
@@ -365,27 +423,13 @@ def main() -> None:
     margs.validate()
     prompts = load_prompts()
     params = GenParams(temperature=0.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
-    # The swap schedule: slot 0 is active before the run, swap i goes to slot (i + 1) mod len(slots).
-    targets = [slots[(i + 1) % len(slots)] for i in range(args.swaps)]
     tmp = Path(tempfile.mkdtemp(prefix="swap-bench-"))
     adapters_dir = tmp / "adapters"
     try:
         t = time.perf_counter()
-        wanted = [s for s in [slots[0], *targets] if s != BASE_VERSION] if args.fresh else [s for s in slots if s != BASE_VERSION]
-        published = publish_adapters(margs, adapters_dir, [slots.index(s) for s in wanted], args.lora_scale, args.seed)
-        version_of_slot: dict[str, str] = {BASE_VERSION: BASE_VERSION}
-        schedule = []  # version activated by each swap, in order
-        if args.fresh:
-            it = iter(published)
-            initial = next(it)
-            schedule = [BASE_VERSION if s == BASE_VERSION else next(it) for s in targets]
-        else:
-            initial = published[0]
-            schedule = [published[slots.index(s)] if s != BASE_VERSION else BASE_VERSION for s in targets]
-        for s, v in zip(wanted, published):
-            version_of_slot.setdefault(s, v)
-        slot_of = {v: s for s, v in zip(wanted, published)} | {BASE_VERSION: BASE_VERSION}
-        print(f"published {len(published)} adapter version(s) in {time.perf_counter() - t:.1f} s "
+        plan = plan_swaps(margs, adapters_dir, slots, args.swaps, args.fresh, args.lora_scale, args.seed)
+        initial, schedule, version_of_slot, slot_of = plan.initial, plan.schedule, plan.version_of_slot, plan.slot_of
+        print(f"published {len(plan.published)} adapter version(s) in {time.perf_counter() - t:.1f} s "
               f"(LoRA r {margs.lora_r}, alpha {margs.lora_alpha}, B std {args.lora_scale})", flush=True)
 
         t = time.perf_counter()
@@ -417,34 +461,7 @@ def main() -> None:
 
         t_swap = time.perf_counter()
         print(f"swapping: {args.swaps} swaps, one every {args.interval:g} s", flush=True)
-        swaps = []
-        for i, version in enumerate(schedule):
-            time.sleep(max(0.0, t_swap + i * args.interval - time.perf_counter()))
-            loads_before = len(probe.loads)
-            t = time.perf_counter()
-            sw = {"i": i + 1, "to": version, "slot": slot_of.get(version, version), "at": t - t_start}
-            try:
-                sw["from"] = adapters.activate(engine, adapters_dir, version)
-                sw["error"] = None
-            except Exception as exc:
-                sw["error"] = f"{type(exc).__name__}: {exc}"
-            end = time.perf_counter()
-            job = probe.last_job
-            new_loads = probe.loads[loads_before:]
-            sw.update(
-                ms=(end - t) * 1000,
-                validate_ms=(job["queued"] - t) * 1000 if "queued" in job else None,
-                wait_step_ms=(job["started"] - job["queued"]) * 1000 if "started" in job else None,
-                job_ms=(job["done"] - job["started"]) * 1000 if "done" in job else None,
-                switched_at=job.get("started"),
-                loaded=bool(new_loads),
-                load_ms=sum(x["ms"] for x in new_loads),
-            )
-            swaps.append(sw)
-            print(f"  swap {i + 1:2d}/{args.swaps} {sw.get('from', '?')} -> {version}: {sw['ms']:6.0f} ms "
-                  f"(validate {sw['validate_ms'] or 0:.0f}, wait for step {sw['wait_step_ms'] or 0:.0f}, "
-                  f"{'load ' + format(sw['load_ms'], '.0f') + ' + ' if sw['loaded'] else 'nothing to load, ' if version == BASE_VERSION else 'already loaded, '}"
-                  f"switch {(sw['job_ms'] or 0) - sw['load_ms']:.0f})" + (f" FAILED: {sw['error']}" if sw["error"] else ""), flush=True)
+        swaps = timed_swaps(engine, probe, adapters_dir, schedule, args.interval, t_swap, t_start, slot_of)
         time.sleep(max(0.0, t_swap + phase - time.perf_counter()))
         t_swap_end = time.perf_counter()
         stop.set()
@@ -528,7 +545,7 @@ def main() -> None:
         "workers_stuck": alive,
     }
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "model": args.model,
         "quantize": policy.quantize,
         "device": str(policy.device),
@@ -580,10 +597,7 @@ def main() -> None:
               f"equals solo reply of {r.get('equals_solo_reply_of')}")
     if alive:
         print(f"WARNING: {alive} chat thread(s) never finished")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_results(args.out, result)}")
 
 
 if __name__ == "__main__":
