@@ -11,9 +11,21 @@ The server then watches `CURRENT` and hot-swaps each newly promoted (or rolled-b
 adapter in without a restart; an adapter that fails validation is refused with a log
 line and the old one keeps serving.
 
+Who gives feedback: listening on a loopback address (the default, 127.0.0.1), the app
+runs in open mode, where a typed name is enough (one person on a laptop). Listening
+beyond this machine (e.g. --host 0.0.0.0) it asks people to sign up and log in with a
+password (assistant/accounts.py); --open there keeps typed names and warns at start,
+--no-open asks for accounts on loopback too. An administrator sets a password with
+`python -m assistant.accounts set-password NAME`.
+
 By default it also starts the scheduled trainer, `python -m trainer run`, as a
 background process (--no-trainer turns it off; --trainer-args passes it flags). The
 two processes share only files under data/; a crashed trainer never stops the chat.
+
+The dashboard's admin password comes from the environment variable
+ASSISTANT_ADMIN_PASSWORD or from a file (--admin-password-file PATH), never from the
+command line, where every user of the machine could read it (ps, /proc, shell
+history); `--admin-password` is refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -30,24 +42,67 @@ import sys
 from pathlib import Path
 
 from assistant import adapters, cycles
+from assistant.accounts import Accounts
 from assistant.chat import Engine
-from assistant.config import ModelArgs, ServeArgs, add_args, from_args
+from assistant.config import ModelArgs, ServeArgs, add_args, from_args, is_loopback
 from assistant.feedback import FeedbackStore, StoreUnavailable
 
 log = logging.getLogger("app")
 
+ADMIN_PASSWORD_ENV = "ASSISTANT_ADMIN_PASSWORD"
+NO_PASSWORD_FLAG = (
+    "--admin-password is no longer accepted: a password on the command line is visible to every user of this machine "
+    f"(ps, /proc, shell history). Set the environment variable {ADMIN_PASSWORD_ENV}=..., or write the password into a "
+    "file only you can read and pass --admin-password-file PATH.")
 
-def parse_args(argv=None) -> tuple[ModelArgs, ServeArgs]:
+
+def parse_args(argv=None, environ=None) -> tuple[ModelArgs, ServeArgs]:
+    """(model settings, server settings) from `argv` (default sys.argv[1:]), with the
+    admin password read from `environ` (default os.environ) or --admin-password-file.
+    Exits with a message on a bad flag, including --admin-password."""
+    # allow_abbrev=False: otherwise "--admin-password S3CRET" would silently mean
+    # --admin-password-file S3CRET, a password where a path goes.
     parser = argparse.ArgumentParser(
-        description="Chat assistant that learns from feedback: a Gradio UI over a quantised LoRA policy.",
+        description="Chat assistant that learns from feedback: a Gradio UI over a quantised LoRA policy.", allow_abbrev=False,
     )
     add_args(parser, ModelArgs, "model")
     add_args(parser, ServeArgs, "server")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --admin-password and its abbreviations are refused before argparse, whose error
+    # would echo the password back ("unrecognized arguments: ...").
+    if any(a.startswith("--admin-pass") and a.split("=", 1)[0] != "--admin-password-file" for a in argv):
+        parser.error(NO_PASSWORD_FLAG)
     ns = parser.parse_args(argv)
     try:
-        return from_args(ModelArgs, ns), from_args(ServeArgs, ns)
+        model_args, serve_args = from_args(ModelArgs, ns), from_args(ServeArgs, ns)
+        serve_args.admin_password = read_admin_password(serve_args.admin_password_file, os.environ if environ is None else environ)
     except ValueError as exc:
         parser.error(str(exc))
+    return model_args, serve_args
+
+
+def read_admin_password(password_file: str, environ) -> str:
+    """The dashboard's admin password: the first line of `password_file` (trailing
+    newline and spaces dropped), or $ASSISTANT_ADMIN_PASSWORD; '' when neither is set.
+    Raises ValueError when both are set, or the file is missing, unreadable or empty.
+    A file other users may read works, with a warning."""
+    from_env = environ.get(ADMIN_PASSWORD_ENV, "")
+    if not password_file:
+        return from_env
+    if from_env:
+        raise ValueError(f"both {ADMIN_PASSWORD_ENV} and --admin-password-file are set; keep one of them")
+    path = Path(password_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--admin-password-file {password_file}: cannot read it ({type(exc).__name__}: {exc.strerror if isinstance(exc, OSError) else exc})") from None
+    password = lines[0].strip() if lines else ""
+    if not password:
+        raise ValueError(f"--admin-password-file {password_file}: the first line is empty; it must hold the password")
+    if mode & 0o077:
+        log.warning("--admin-password-file %s can be read by other users (mode %o); chmod 600 it", password_file, mode & 0o777)
+    return password
 
 
 def trainer_command(model_args: ModelArgs, serve_args: ServeArgs, command: str) -> list[str]:
@@ -61,7 +116,7 @@ def trainer_command(model_args: ModelArgs, serve_args: ServeArgs, command: str) 
         "--model", m.model, "--quantize", m.quantize, "--device", m.device, "--models-dir", m.models_dir,
         "--lora-r", str(m.lora_r), "--lora-alpha", str(m.lora_alpha), "--lora-target-modules", m.lora_target_modules,
         "--db", a.db, "--adapters-dir", a.adapters_dir, "--reward-dir", a.reward_dir,
-        "--lock-file", a.lock_file, "--cycles-log", a.cycles_log,
+        "--lock-file", a.lock_file, "--cycles-log", a.cycles_log, "--annotator-floor", str(a.annotator_floor),
         *(("--temperature", str(a.temperature)) if a.temperature > 0 else ()),  # greedy serving: PPO still needs to sample
         "--top-p", str(a.top_p), "--max-new-tokens", str(a.max_new_tokens), "--eval-max-new-tokens", str(a.max_new_tokens),
         *shlex.split(a.trainer_args),
@@ -114,9 +169,14 @@ def main(argv=None) -> None:
         proc = start_trainer(trainer_command(model_args, serve_args, "once"), tied=False)
         return f"Started a training cycle (pid {proc.pid}); the version table updates when it finishes."
 
-    admin_password = serve_args.admin_password or os.environ.get("ASSISTANT_ADMIN_PASSWORD", "")
-    serve_args.admin_password = admin_password
-    demo = build_demo(Deps(engine=engine, store=store, args=serve_args, model_name=model_args.model, watcher=watcher, retrain=retrain))
+    accounts = None if serve_args.open_mode else Accounts(store, session_hours=serve_args.session_hours)
+    if accounts is None and not is_loopback(serve_args.host):
+        log.warning("OPEN MODE on %s: anyone who can reach this server can give feedback under any name they type. "
+                    "Leave out --open to make people sign up and log in.", serve_args.host)
+    log.info("who gives feedback: %s", "typed names (open mode)" if accounts is None else
+             f"accounts (sign-up and log-in; a log-in lasts {serve_args.session_hours:g} h)")
+    demo = build_demo(Deps(engine=engine, store=store, args=serve_args, model_name=model_args.model, watcher=watcher, retrain=retrain,
+                           accounts=accounts))
     demo.queue(max_size=serve_args.max_queue, default_concurrency_limit=serve_args.max_batch * 2)
     demo.launch(server_name=serve_args.host, server_port=serve_args.port, show_error=True)
 

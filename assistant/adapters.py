@@ -13,6 +13,11 @@ A version's manifest `status` moves candidate → active | rejected, and active 
 retired when another version replaces it (promotion or rollback); `history` lists
 each change with its time and reason.
 
+Old versions are pruned (`prune`): all but the newest N are deleted, except the
+versions `CURRENT` and `LIVE` name and their ancestors (the parent chain a rollback
+walks). A pruned directory is first renamed to a hidden temporary name, so a crash
+mid-delete never leaves a partial directory that looks like a version.
+
 Publishing is atomic: the directory is written under a temporary name, fsynced and
 renamed into place, and `CURRENT` is replaced with `os.replace`, so a reader never
 sees a half-written adapter or pointer. The server validates an adapter (files
@@ -30,14 +35,17 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from assistant import portable
 from assistant.config import BASE_VERSION
 
 log = logging.getLogger(__name__)
@@ -159,6 +167,10 @@ def publish(adapters_dir: str | Path, model, adapter_name: str, manifest: dict, 
         saved.rmdir()
     for name, state in (tensors or {}).items():
         save_file(state, str(tmp / name))
+    unservable = portable.problems(tmp)
+    if unservable:  # an adapter that vLLM / SGLang could not load is not published (docs/scaling.md)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InvalidAdapter(f"not publishing {version}: {'; '.join(unservable)}")
     manifest = {"version": version, "status": "candidate", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     for f in tmp.iterdir():
@@ -226,10 +238,17 @@ def pointer_lock(adapters_dir: str | Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def promote(adapters_dir: str | Path, version: str, reason: str = "passed evaluation", **fields) -> str:
-    """Make a validated candidate the served version; the one it replaces becomes 'retired'. Returns the old version."""
+def promote(adapters_dir: str | Path, version: str, reason: str = "passed evaluation", expect_current: str | None = None, **fields) -> str:
+    """Make a validated candidate the served version; the one it replaces becomes 'retired'. Returns the old version.
+
+    `expect_current`: the version the candidate was evaluated against; when CURRENT
+    names another one by the time the pointer lock is held, nothing changes and
+    InvalidAdapter says so (the evidence was about replacing a version no longer served)."""
     with pointer_lock(adapters_dir):
         old = read_current(adapters_dir)
+        if expect_current is not None and old != expect_current:
+            raise InvalidAdapter(f"{version} was evaluated against {expect_current}, but CURRENT now points at {old}; "
+                                 "evaluate it against the served version first")
         update_manifest(adapters_dir, version, status="active", reason=reason, promoted_at=_now(), **fields)
         set_current(adapters_dir, version)
         if read_live(adapters_dir) == version:
@@ -302,13 +321,77 @@ def rollback(adapters_dir: str | Path, version: str | None = None, lora=None) ->
     return old, version
 
 
+def in_use(adapters_dir: str | Path) -> dict[str, str]:
+    """{version: why it must stay} for the versions `CURRENT` and `LIVE` name and their
+    ancestors (parent, grandparent, ... as far as they are still on disk).
+
+    InvalidAdapter when that cannot be known: a pointer is garbled or names a missing
+    version, or a manifest on the chain is unreadable."""
+    d = Path(adapters_dir)
+    keep: dict[str, str] = {}
+    for name, version in ((POINTER, read_current(d)), (LIVE_POINTER, read_live(d))):
+        if version not in (None, BASE_VERSION) and not (d / version).is_dir():
+            raise InvalidAdapter(f"{name} points at {version}, which is not under {d}")
+        why = name
+        while version not in (None, BASE_VERSION) and version not in keep and (d / version).is_dir():
+            keep[version] = why
+            try:
+                parent = read_manifest(d, version).get("parent")
+            except (OSError, json.JSONDecodeError) as exc:
+                raise InvalidAdapter(f"{version}: manifest unreadable ({exc}), so its ancestors are unknown") from exc
+            version = None if parent is None else check_version(parent)
+            why = f"ancestor of {name}"
+    return keep
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a version directory to a hidden temporary name (that no reader lists and
+    that the trainer's tidy-up removes), durably; returns the new path."""
+    tmp = path.with_name(f".{path.name}.pruned-{uuid.uuid4().hex[:8]}")
+    os.rename(path, tmp)
+    fsync_dir(path.parent)
+    return tmp
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete a version directory (an adapter or a reward model) so that a crash at any
+    point leaves either the whole directory or none of it under its version name."""
+    shutil.rmtree(_set_aside(Path(path)), ignore_errors=True)
+
+
+def prune(adapters_dir: str | Path, keep: int, dry_run: bool = False) -> list[str]:
+    """Delete every version but the newest `keep` and those `in_use`; returns the
+    versions deleted (with `dry_run`, those that would be), oldest first.
+
+    Call it under the cycle lock, so no training step is writing next to it. The
+    pointers are read and the directories set aside under the pointer lock, so a
+    promotion or rollback never points at a version being deleted; a server only ever
+    loads what a pointer names. InvalidAdapter (nothing deleted) when what is in use
+    cannot be known."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    d = Path(adapters_dir)
+    if not d.is_dir():
+        return []
+    with pointer_lock(d):
+        protected = in_use(d)
+        doomed = [v for v in versions(d)[:-keep] if v not in protected]
+        if dry_run:
+            return doomed
+        moved = [_set_aside(d / v) for v in doomed]
+    for tmp in moved:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return doomed
+
+
 def _served_before(adapters_dir: Path) -> list[str]:
     """'base' and the versions a rollback may target (active or retired), newest first."""
     return [BASE_VERSION] + [m["version"] for m in reversed(manifests(adapters_dir)) if m.get("status") in ("active", "retired")]
 
 
-def validate(path: str | Path, lora) -> None:
-    """Raise InvalidAdapter unless `path` is a complete, finite adapter shaped like `lora`."""
+def validate(path: str | Path, lora) -> dict[str, torch.Tensor]:
+    """Raise InvalidAdapter unless `path` is a complete, finite adapter shaped like `lora`;
+    returns its weights (CPU tensors, by the names peft saved them under)."""
     path = Path(path)
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
@@ -331,6 +414,32 @@ def validate(path: str | Path, lora) -> None:
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise InvalidAdapter(f"{path.name}: tensor {name} has NaN or infinite values")
+    return tensors
+
+
+def prepare(engine, adapters_dir: str | Path, version: str) -> None:
+    """Validate `version` and copy its weights into a free adapter slot (Policy.stage),
+    on the calling thread, while the engine goes on generating; the engine's job that
+    loads it then has nothing left to do but record it. Raises InvalidAdapter."""
+    if version == BASE_VERSION or version in engine.policy.loaded:
+        return
+    tensors = validate(Path(adapters_dir) / version, engine.policy.lora)
+    engine.policy.stage(version, tensors)  # False: no free slot or another shape; loading then goes through peft
+
+
+def _load_prepared(engine, adapters_dir: Path, version: str, then=None):
+    """Run, between decode steps, the load of a prepared `version` (and `then()`);
+    a failure gives the slot back. Returns what `then` returns."""
+    def job(policy):
+        if version != BASE_VERSION and version not in policy.loaded:
+            policy.load_adapter(version, adapters_dir / version)
+        return then() if then is not None else None
+
+    try:
+        return engine.call(job).result()
+    except BaseException:
+        engine.policy.unstage(version)
+        raise
 
 
 def activate(engine, adapters_dir: str | Path, version: str) -> str:
@@ -341,16 +450,8 @@ def activate(engine, adapters_dir: str | Path, version: str) -> str:
     the adapter is bad; an error while loading it (from peft) is raised as it is, and nothing
     changes either.
     """
-    policy = engine.policy
-    if version != BASE_VERSION:
-        validate(Path(adapters_dir) / version, policy.lora)
-
-    def swap(policy):
-        if version != BASE_VERSION and version not in policy.loaded:
-            policy.load_adapter(version, Path(adapters_dir) / version)
-        return engine.switch(version)
-
-    return engine.call(swap).result()
+    prepare(engine, adapters_dir, version)
+    return _load_prepared(engine, Path(adapters_dir), version, then=lambda: engine.switch(version))
 
 
 def _why(exc: Exception) -> str:
@@ -416,13 +517,9 @@ class CurrentWatcher:
             return
         engine, old = self.engine, self.live
         if version is not None and version != engine.policy.current:
-            def load(policy):
-                if version not in policy.loaded:
-                    policy.load_adapter(version, self.adapters_dir / version)
-
             try:
-                validate(self.adapters_dir / version, engine.policy.lora)
-                engine.call(load).result()
+                prepare(engine, self.adapters_dir, version)
+                _load_prepared(engine, self.adapters_dir, version)
             except Exception as exc:  # noqa: BLE001 - any failure to load refuses the candidate
                 self._refuse(version, _why(exc))
                 version = None

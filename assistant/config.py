@@ -13,7 +13,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
+import logging
+import warnings
 from dataclasses import dataclass, field
+
+from assistant.annotators import DEFAULT_FLOOR
+
+# Two start-up messages of the pinned libraries that are no problem here, silenced in
+# the one module every entry point (app.py, python -m trainer) imports before torch,
+# transformers or peft:
+# - bitsandbytes 0.50 (imported by peft) logs a WARNING on CPUs with AVX512-BF16 that its
+#   optional `kernels` package is missing. That package would download a CPU 4-bit
+#   kernel from the Hugging Face hub; without it bitsandbytes uses its built-in CPU
+#   kernel, which is what runs offline anyway. Its errors still show.
+# - peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` whenever it
+#   wraps a model, so every adapter load raised transformers' FutureWarning about it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 BASE_VERSION = "base"  # adapter version recorded when no trained adapter is active
@@ -77,7 +94,28 @@ class ServeArgs:
     reward_dir: str = _f("data/reward", "reward-model versions (read by the dashboard, passed to the trainer)")
     lock_file: str = _f("data/trainer.lock", "the trainer's one-cycle-at-a-time lock (the dashboard shows who holds it)")
     cycles_log: str = _f("data/cycles.jsonl", "the trainer's log of finished cycles (shown in the dashboard)")
-    admin_password: str = _f("", "password of the dashboard's admin tab (or env ASSISTANT_ADMIN_PASSWORD); empty = dashboard locked")
+    # Never a flag: a password in argv is visible to every user of the machine (ps, /proc,
+    # shell history). app.py reads it from ASSISTANT_ADMIN_PASSWORD or --admin-password-file.
+    admin_password: str = _f("", "password of the dashboard's admin tab; empty = dashboard locked", cli=False)
+    admin_password_file: str = _f("", "file holding the dashboard's admin password (its first line); or set the environment variable ASSISTANT_ADMIN_PASSWORD. Neither: the dashboard stays locked")
+    admin_session_minutes: float = _f(60.0, "an admin log-in on the dashboard lasts this long; every admin action checks it")
+    gold_rate: float = _f(0.05, "in Compare mode, the share of comparisons that show a gold item (a comparison with a known better reply, added on the dashboard or with `python -m assistant.annotators import-gold`) instead of new replies")
+    repeat_rate: float = _f(0.05, "in Compare mode, the share of comparisons that show one of the person's own earlier comparisons again, sides swapped, to measure their self-consistency")
+    repeat_after_minutes: float = _f(10.0, "a comparison may be shown again to the same person only this long after they made it")
+    annotator_floor: float = _f(DEFAULT_FLOOR, "people whose reliability weight (from gold items and repeats, 0..1; a newcomer has 0.5) is below this are left out of training; shown on the dashboard, passed to the trainer")
+    open: bool | None = _f(
+        None, "open mode: people type a name to give feedback, no passwords (for one person on a laptop). Unset: open "
+              "when --host is a loopback address (127.0.0.1, localhost, ::1), accounts (sign-up and log-in) otherwise; "
+              "--no-open asks for accounts on loopback too")
+    session_hours: float = _f(72.0, "how long a log-in lasts before the person must log in again (accounts mode)")
+    messages_per_minute: float = _f(20.0, "messages (and regenerated replies) each user, and each client address, may send per minute; 0 = no limit")
+    feedback_per_minute: float = _f(60.0, "votes, choices, rankings and corrections each user, and each client address, may give per minute; 0 = no limit")
+    address_limit_factor: float = _f(10.0, "a client address may send this many times a user's messages and feedback (people share addresses behind NAT or a proxy)")
+
+    @property
+    def open_mode(self) -> bool:
+        """Whether people give feedback under a typed name (no accounts): --open, or else a loopback --host."""
+        return self.open if self.open is not None else is_loopback(self.host)
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -99,16 +137,49 @@ class ServeArgs:
         if not 0 <= self.compare_temperature_spread <= MAX_TEMPERATURE_SPREAD:
             raise ValueError(f"--compare-temperature-spread must be in 0..{MAX_TEMPERATURE_SPREAD} (so that 4 different "
                              f"temperatures fit in 0..2), got {self.compare_temperature_spread}")
+        if not self.session_hours > 0:
+            raise ValueError(f"--session-hours must be positive, got {self.session_hours}")
+        if self.messages_per_minute < 0:
+            raise ValueError(f"--messages-per-minute must be >= 0 (0 = no limit), got {self.messages_per_minute}")
+        if self.feedback_per_minute < 0:
+            raise ValueError(f"--feedback-per-minute must be >= 0 (0 = no limit), got {self.feedback_per_minute}")
+        if self.address_limit_factor < 1:
+            raise ValueError(f"--address-limit-factor must be >= 1, got {self.address_limit_factor}")
+        if not self.admin_session_minutes > 0:
+            raise ValueError(f"--admin-session-minutes must be positive, got {self.admin_session_minutes}")
+        for name in ("gold_rate", "repeat_rate"):
+            if not 0 <= getattr(self, name) <= 0.5:
+                raise ValueError(f"--{name.replace('_', '-')} must be in 0..0.5 (most comparisons are the person's own), got {getattr(self, name)}")
+        if self.gold_rate + self.repeat_rate > 0.5:
+            raise ValueError(f"--gold-rate + --repeat-rate must be at most 0.5 (most comparisons are the person's own), "
+                             f"got {self.gold_rate} + {self.repeat_rate}")
+        if self.repeat_after_minutes < 0:
+            raise ValueError(f"--repeat-after-minutes must be >= 0, got {self.repeat_after_minutes}")
+        if not 0 <= self.annotator_floor <= 1:
+            raise ValueError(f"--annotator-floor must be a weight in 0..1, got {self.annotator_floor}")
         if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"--max-new-tokens must be in 1..--max-new-tokens-limit ({self.max_new_tokens_limit}), got {self.max_new_tokens}")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address to listen on) is reachable from this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def add_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """Add one flag per field of dataclass `cls` (field `lora_r` -> `--lora-r`)."""
+    """Add one flag per field of dataclass `cls` (field `lora_r` -> `--lora-r`), except
+    fields marked `cli=False`, which are set by the entry point, never from argv."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
+        kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool, "bool | None": bool}[f.type]
         help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
@@ -118,7 +189,7 @@ def add_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
 
 def from_args(cls: type, ns: argparse.Namespace):
     """Build dataclass `cls` from the parsed namespace, then validate it."""
-    obj = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    obj = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.metadata.get("cli") is not False})
     if hasattr(obj, "validate"):
         obj.validate()
     return obj

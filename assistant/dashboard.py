@@ -5,7 +5,11 @@ What it is: a tab of the chat app (`build_dashboard(deps)`, called from
 
     feedback over time by kind, and per adapter version      (SQLite, read-only)
     thumbs-up rate and side-by-side win rate per version     (SQLite, read-only)
+    the same two per profile group (the profile people type, normalised), 95% CI
     tie rate per version, mode and sampling variant, 95% CI  (SQLite, read-only)
+    the annotators: volume, gold accuracy with its 95% CI, self-consistency,
+    agreement with others, reliability weight, excluded and why (assistant/annotators.py)
+    the gold items and how often they were answered right
     reward-model validation accuracy with its 95% CI         (data/reward/rNNNNNN/manifest.json)
     PPO curves: reward (objective/scores) and objective/kl   (data/adapters/vNNNNNN/manifest.json)
     KL per cycle (to the parent) and in total (to the base)  (each version's held-out evaluation)
@@ -13,20 +17,32 @@ What it is: a tab of the chat app (`build_dashboard(deps)`, called from
     held-out human agreement, KL), rejection reasons; a waiting cycle's reason
     what is serving, the live-comparison candidate, a running cycle and its phase, the last cycle
 
-and has two actions: *Retrain now* (one training cycle in the background, through
-`deps.retrain`) and *Roll back* (CURRENT back to an older version through
-`assistant.adapters.rollback`; the server swaps at once through its watcher).
+and has three actions: *Retrain now* (one training cycle in the background, through
+`deps.retrain`), *Roll back* (CURRENT back to an older version through
+`assistant.adapters.rollback`; the server swaps at once through its watcher) and *Add
+gold item* (a comparison with a known better reply, written through the server's
+store; Compare mode mixes such items in at --gold-rate).
 
 The data side is small functions that take a connection or a path and return a
 pandas DataFrame, a dict or a string, so they test without Gradio. The Gradio side is
-wiring plus a few named handlers. Every handler re-checks a per-session admin flag
-(`gr.State`, kept server-side) that only `login` sets, with `hmac.compare_digest`;
-without it a handler raises `gr.Error` and returns nothing. Components are built
-empty, so the page config holds no dashboard data; values arrive only through
-handlers after login. With no password configured (--admin-password or
-ASSISTANT_ADMIN_PASSWORD) the tab only says how to set one and wires nothing.
+wiring plus a few named handlers. The admin guard:
+- `login` compares the password with `hmac.compare_digest` and, on success, puts an
+  `AdminSession` in a per-browser-session `gr.State` (kept server-side) that expires
+  after --admin-session-minutes; every admin handler re-checks it (`require_admin`)
+  and refuses with `gr.Error` once it is missing or expired; the auto-refresh logs out.
+- Failed logins back off (`LoginGuard`): after FREE_FAILURES_PER_CLIENT failures from
+  one client address, or FREE_FAILURES_OVERALL from all of them together, each further
+  failure doubles the wait before the next attempt is even checked (from
+  BACKOFF_FIRST_S up to BACKOFF_MAX_S), and the message says how long. A success
+  clears the count. Behind a reverse proxy every client has the proxy's address, so
+  only the overall limit tells people apart from an attack.
+Components are built empty, so the page config holds no dashboard data; values
+arrive only through handlers after login. With no password configured (the
+environment variable ASSISTANT_ADMIN_PASSWORD or --admin-password-file) the tab only
+says how to set one and wires nothing.
 
-What it is not: a writer of feedback (the database is opened read-only), a trainer,
+What it is not: a writer of feedback (the database is read through a read-only
+connection; the one write, a gold item, goes through the server's store), a trainer,
 or a second adapter format: the trainer's files are read through `assistant.cycles`
 and `assistant.adapters`, the `data/` contract; the server imports no trainer code.
 Times are UTC.
@@ -40,16 +56,19 @@ import json
 import logging
 import math
 import sqlite3
+import threading
+import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
 
-from assistant import adapters, cycles
+from assistant import adapters, annotators, cycles
 from assistant.config import BASE_VERSION
-from assistant.feedback import FeedbackStore
+from assistant.feedback import FeedbackError, FeedbackStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +78,15 @@ HOURLY_UP_TO = pd.Timedelta(days=2)  # feedback spanning at most this is counted
 ROLLBACK_TARGETS = ("active", "retired")  # statuses of versions that served before
 REFRESH_S = 30.0  # auto refresh while logged in
 NO_PASSWORD = (
-    "### Dashboard locked\nNo admin password is set, so the dashboard is off. Start the server with "
-    "`--admin-password SECRET`, or set the environment variable `ASSISTANT_ADMIN_PASSWORD`, then reload this page."
+    "### Dashboard locked\nNo admin password is set, so the dashboard is off. Start the server with the environment "
+    "variable `ASSISTANT_ADMIN_PASSWORD` set, or with `--admin-password-file PATH` (a file holding the password), "
+    "then reload this page."
 )
+FREE_FAILURES_PER_CLIENT = 3  # failed logins from one address before each further one makes it wait
+FREE_FAILURES_OVERALL = 10  # failed logins from all addresses together before each further one makes everyone wait
+BACKOFF_FIRST_S = 1.0  # the first wait; it doubles with every further failure
+BACKOFF_MAX_S = 900.0  # the longest wait
+MAX_GOLD_CHARS = 4000  # longest prompt or reply of a gold item written on the dashboard
 
 
 # ---------------------------------------------------------------- feedback queries (SQLite)
@@ -162,15 +187,78 @@ def win_rate(con: sqlite3.Connection) -> pd.DataFrame:
     })
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (95% for z = 1.96) of the proportion successes / n; (0, 1) when n = 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+def thumbs_by_profile(con: sqlite3.Connection) -> pd.DataFrame:
+    """Thumbs-up rate per profile group (`annotators.normalise_profile` of the voter's
+    current profile) and adapter version: `profile`, `version`, `up`, `down`, `up_rate`
+    with its 95% Wilson interval (`ci_low`, `ci_high`). Imported replies are left out."""
+    counts: Counter = Counter()
+    for profile, version, value in con.execute(
+            """SELECT u.profile, r.adapter_version, v.value FROM votes v JOIN users u ON u.id = v.user_id
+               JOIN replies r ON r.id = v.reply_id WHERE v.value != 0 AND r.adapter_version != ?""", [IMPORT_VERSION]):
+        counts[(annotators.normalise_profile(profile), version, value == 1)] += 1
+    rows = []
+    for group, version in sorted({(g, v) for g, v, _ in counts}):
+        up, down = counts[(group, version, True)], counts[(group, version, False)]
+        rows.append((group, version, up, down, up / (up + down), *wilson(up, up + down)))
+    return pd.DataFrame(rows, columns=["profile", "version", "up", "down", "up_rate", "ci_low", "ci_high"]).astype(
+        {"profile": str, "version": str, "up": int, "down": int, "up_rate": float, "ci_low": float, "ci_high": float})
+
+
+def wins_by_profile(con: sqlite3.Connection) -> pd.DataFrame:
+    """`win_rate` per profile group of the person who chose and adapter version:
+    `profile`, `version`, `wins`, `decisive`, `win_rate` with its 95% Wilson interval."""
+    wins, decisive = Counter(), Counter()
+    for profile, choice, va, vb in con.execute(
+            """SELECT u.profile, c.choice, ra.adapter_version, rb.adapter_version FROM comparisons c
+               JOIN users u ON u.id = c.user_id JOIN replies ra ON ra.id = c.reply_a_id JOIN replies rb ON rb.id = c.reply_b_id
+               WHERE c.choice IN ('a', 'b') AND ra.adapter_version != rb.adapter_version"""):
+        group = annotators.normalise_profile(profile)
+        decisive.update([(group, va), (group, vb)])
+        wins[(group, va if choice == "a" else vb)] += 1
+    rows = [(g, v, wins[(g, v)], n, wins[(g, v)] / n, *wilson(wins[(g, v)], n)) for (g, v), n in sorted(decisive.items())]
+    return pd.DataFrame(rows, columns=["profile", "version", "wins", "decisive", "win_rate", "ci_low", "ci_high"]).astype(
+        {"profile": str, "version": str, "wins": int, "decisive": int, "win_rate": float, "ci_low": float, "ci_high": float})
+
+
+ANNOTATOR_COLUMNS = ["name", "profile", "volume", "gold accuracy (95% CI)", "self-consistency", "agreement", "weight", "excluded", "why"]
+
+
+def annotators_table(con: sqlite3.Connection, floor: float) -> pd.DataFrame:
+    """One row per person (the 'import' user of data sets included, at weight 1):
+    volume, gold accuracy with its 95% Wilson interval and n, self-consistency on
+    repeats, agreement with others on shared reply pairs, the reliability weight,
+    and whether (and why) the floor leaves their feedback out of training."""
+    rows = []
+    for a in annotators.read_annotators(con, floor):
+        lo, hi = a.gold_interval
+        rows.append({
+            "name": a.name, "profile": a.profile, "volume": a.volume,
+            "gold accuracy (95% CI)": _interval(a.gold_accuracy, lo, hi, a.checks.gold_n),
+            "self-consistency": _share(a.checks.repeat_consistent, a.checks.repeat_n),
+            "agreement": _share(a.agree, a.shared),
+            "weight": round(a.weight, 3), "excluded": "excluded" if a.excluded else "", "why": a.reason,
+        })
+    return pd.DataFrame(rows, columns=ANNOTATOR_COLUMNS).astype({"volume": int, "weight": float})
+
+
+def _share(k: int, n: int) -> str:
+    """'0.80 (8/10)', or '' when n = 0."""
+    return f"{k / n:.2f} ({k}/{n})" if n else ""
+
+
+GOLD_COLUMNS = ["id", "question", "better reply", "worse reply", "source", "answers", "answered right"]
+
+
+def gold_table(con: sqlite3.Connection) -> pd.DataFrame:
+    """The gold items, newest first: the question (the prompt's last user message), the
+    two replies, where the item came from, answers and how many chose the better reply."""
+    rows = [(gid, json.loads(prompt)[-1]["content"], better, worse, source, n, right) for gid, prompt, better, worse, source, n, right in con.execute(
+        """SELECT g.id, g.prompt, g.better, g.worse, g.source, COUNT(a.id), COALESCE(SUM(a.choice = a.better_side), 0)
+           FROM gold_items g LEFT JOIN gold_answers a ON a.gold_item_id = g.id GROUP BY g.id ORDER BY g.id DESC""")]
+    return pd.DataFrame(rows, columns=GOLD_COLUMNS).astype({"id": int, "answers": int, "answered right": int})
+
+
+wilson = annotators.wilson  # the dashboard's intervals are the Annotators view's
 
 
 NOT_RECORDED = "(not recorded)"  # variant of replies stored before replies recorded how they were sampled
@@ -218,8 +306,9 @@ def tie_rates(con: sqlite3.Connection) -> pd.DataFrame:
          "tie_rate": float, "ci_low": float, "ci_high": float})
 
 
-def read_feedback(db_path: str | Path) -> dict[str, pd.DataFrame]:
-    """Every feedback frame the dashboard plots, from one read-only snapshot of the database."""
+def read_feedback(db_path: str | Path, floor: float = annotators.DEFAULT_FLOOR) -> dict[str, pd.DataFrame]:
+    """Every feedback frame the dashboard shows, from one read-only snapshot of the
+    database; `floor`: the annotator floor the annotators table applies."""
     with FeedbackStore(db_path, readonly=True) as store:
         con = store.db().conn
         con.execute("BEGIN")
@@ -230,6 +319,10 @@ def read_feedback(db_path: str | Path) -> dict[str, pd.DataFrame]:
                 "thumbs_up": thumbs_up_rate(con),
                 "win_rate": win_rate(con),
                 "tie_rates": tie_rates(con),
+                "thumbs_by_profile": thumbs_by_profile(con),
+                "wins_by_profile": wins_by_profile(con),
+                "annotators": annotators_table(con, floor),
+                "gold": gold_table(con),
             }
         finally:
             con.execute("COMMIT")
@@ -394,15 +487,82 @@ def password_matches(expected: str, given: str | None) -> bool:
     return bool(expected) and hmac.compare_digest((given or "").encode(), expected.encode())
 
 
-def require_admin(admin: bool) -> None:
-    if admin is not True:
+@dataclass(frozen=True)
+class AdminSession:
+    """What a successful login puts in the browser session's state: when it ends."""
+
+    expires_at: float  # time.monotonic() seconds
+    minutes: float  # how long it lasts, for the message when it ends
+
+
+def require_admin(admin: AdminSession | None, now: float | None = None) -> None:
+    """Refuse (gr.Error) unless `admin` is a login that has not expired at `now`."""
+    if not isinstance(admin, AdminSession):
         raise gr.Error("Log in as admin first.")
+    if (time.monotonic() if now is None else now) >= admin.expires_at:
+        raise gr.Error(f"Your admin session has ended (it lasts {admin.minutes:g} minutes); log in again.")
+
+
+def _seconds(s: float) -> str:
+    s = math.ceil(s)
+    return f"{s} s" if s < 120 else f"{math.ceil(s / 60)} min"
+
+
+class LoginGuard:
+    """Failed admin logins per client address and overall, each failure past the free
+    ones doubling the wait before the next attempt is checked at all.
+
+    After n failures with f free ones, a key waits min(BACKOFF_FIRST_S · 2^(n − f − 1),
+    BACKOFF_MAX_S) from its last failure. Keys: ("client", address) and ("all",). A
+    login waits for the longer of its two keys; a success clears both. Thread-safe:
+    one guard serves every session of the server."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, free_per_client: int = FREE_FAILURES_PER_CLIENT,
+                 free_overall: int = FREE_FAILURES_OVERALL, first_s: float = BACKOFF_FIRST_S, max_s: float = BACKOFF_MAX_S):
+        self._clock = clock
+        self._free = {"client": free_per_client, "all": free_overall}
+        self._first_s, self._max_s = first_s, max_s
+        self._lock = threading.Lock()
+        self._failures: dict[tuple, tuple[int, float]] = {}  # key -> (failures, time of the last one)
+
+    def _keys(self, client: str) -> list[tuple]:
+        return [("client", client or "?"), ("all",)]
+
+    def _wait(self, key: tuple, now: float) -> float:
+        n, last = self._failures.get(key, (0, now))
+        extra = n - self._free[key[0]]
+        if extra <= 0:
+            return 0.0
+        return max(0.0, last + min(self._first_s * 2 ** (extra - 1), self._max_s) - now)
+
+    def wait_s(self, client: str) -> float:
+        """Seconds before `client` may try again; 0 when it may now."""
+        now = self._clock()
+        with self._lock:
+            return max(self._wait(key, now) for key in self._keys(client))
+
+    def failed(self, client: str) -> float:
+        """Count a failed login of `client`; returns the wait it now faces."""
+        now = self._clock()
+        with self._lock:
+            if len(self._failures) > 10_000:  # forget addresses idle for long, so the table stays small
+                self._failures = {k: v for k, v in self._failures.items() if k == ("all",) or now - v[1] < 2 * self._max_s}
+            for key in self._keys(client):
+                n, _ = self._failures.get(key, (0, now))
+                self._failures[key] = (n + 1, now)
+            return max(self._wait(key, now) for key in self._keys(client))
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            for key in self._keys(client):
+                self._failures.pop(key, None)
 
 
 # ---------------------------------------------------------------- what the dashboard shows
 # The order of the values every data handler returns; build_dashboard lists its components in it.
 VIEW = ("status", "versions", "rollback", "reward_table", "tie_table",
-        "plot_time", "plot_version", "plot_thumbs", "plot_wins", "plot_reward", "plot_ppo_reward", "plot_ppo_kl", "plot_kl")
+        "plot_time", "plot_version", "plot_thumbs", "plot_wins", "plot_reward", "plot_ppo_reward", "plot_ppo_kl", "plot_kl",
+        "annotators_table", "profile_thumbs", "profile_wins", "gold_table")
 
 
 def _plot(df: pd.DataFrame | None, empty_note: str, note: str | None = None):
@@ -429,7 +589,7 @@ def view(deps) -> dict[str, Any]:
     serving = deps.engine.policy.current
     live = deps.watcher.live if deps.watcher is not None else None
     refused = deps.watcher.refused if deps.watcher is not None else None
-    fb = _read("feedback database", lambda: read_feedback(deps.store.path), {}, problems)
+    fb = _read("feedback database", lambda: read_feedback(deps.store.path, a.annotator_floor), {}, problems)
     manifests = _read("adapter manifests", lambda: adapters.manifests(a.adapters_dir), [], problems)
     acc = _read("reward models", lambda: reward_accuracy(a.reward_dir), None, problems)
     pointer = _read("CURRENT pointer", lambda: adapters.read_current(a.adapters_dir), serving, problems)
@@ -454,6 +614,10 @@ def view(deps) -> dict[str, Any]:
         "plot_ppo_reward": _plot(ppo_curve(manifests, "objective/scores"), "No PPO run yet."),
         "plot_ppo_kl": _plot(ppo_curve(manifests, "objective/kl"), "No PPO run yet."),
         "plot_kl": _plot(kl_by_version(manifests), "No candidate evaluated yet."),
+        "annotators_table": fb.get("annotators"),
+        "profile_thumbs": fb["thumbs_by_profile"].round(3) if "thumbs_by_profile" in fb else None,
+        "profile_wins": fb["wins_by_profile"].round(3) if "wins_by_profile" in fb else None,
+        "gold_table": fb.get("gold"),
     }
 
 
@@ -474,20 +638,65 @@ SHOW = gr.update(visible=True)
 HIDE = gr.update(visible=False)
 
 
-def login(deps, password: str):
-    """Returns (admin flag, message, dashboard body, timer, *VIEW values)."""
+def login(deps, password: str, client: str = "", guard: LoginGuard | None = None):
+    """Check the password, unless `client` must wait after failed logins (`guard`;
+    None: a guard for this call alone). Returns (admin session or False, message,
+    dashboard body, timer, *VIEW values)."""
+    guard = guard or LoginGuard()
+    refused = (False, HIDE, gr.update(active=False), *_values(blank()))
+    wait = guard.wait_s(client)
+    if wait > 0:
+        log.warning("dashboard: admin login from %s refused, %.0f s of backoff left", client or "?", wait)
+        return (refused[0], f"Too many failed logins. Wait {_seconds(wait)}, then try again.", *refused[1:])
     if not password_matches(deps.args.admin_password, password):
-        return (False, "Wrong password.", HIDE, gr.update(active=False), *_values(blank()))
-    return (True, "Logged in as admin.", SHOW, gr.update(active=True), *_values(view(deps)))
+        wait = guard.failed(client)
+        log.warning("dashboard: wrong admin password from %s", client or "?")
+        msg = "Wrong password." + (f" Too many failed logins: the next try is possible in {_seconds(wait)}." if wait > 0 else "")
+        return (refused[0], msg, *refused[1:])
+    guard.succeeded(client)
+    minutes = deps.args.admin_session_minutes
+    session = AdminSession(time.monotonic() + minutes * 60, minutes)
+    log.info("dashboard: admin logged in from %s", client or "?")
+    return (session, f"Logged in as admin for {minutes:g} minutes.", SHOW, gr.update(active=True), *_values(view(deps)))
 
 
-def refresh(deps, admin: bool):
+def refresh(deps, admin: AdminSession | None):
     """Returns the VIEW values."""
     require_admin(admin)
     return _values(view(deps))
 
 
-def roll_back(deps, admin: bool, version: str | None):
+def tick(deps, admin: AdminSession | None):
+    """The auto-refresh. While the login is valid: (admin, no message change, the body
+    shown, the timer on, *VIEW values); once it has expired: logged out, the body hidden
+    and emptied, the timer off, and a message. Shaped like `login`'s return."""
+    try:
+        require_admin(admin)
+    except gr.Error as exc:
+        return (False, exc.message, HIDE, gr.update(active=False), *_values(blank()))
+    return (admin, gr.update(), SHOW, gr.update(), *_values(view(deps)))
+
+
+def add_gold(deps, admin: AdminSession | None, prompt: str, better: str, worse: str):
+    """Store a gold item: a question (`prompt`, shown as the user's turn) whose `better`
+    reply is known to beat `worse`. Returns (message, *VIEW values)."""
+    require_admin(admin)
+    prompt, better, worse = ((x or "").strip() for x in (prompt, better, worse))
+    too_long = [what for what, text in (("question", prompt), ("better reply", better), ("worse reply", worse)) if len(text) > MAX_GOLD_CHARS]
+    if not (prompt and better and worse):
+        msg = "A gold item needs a question, a better reply and a worse reply."
+    elif too_long:
+        msg = f"The {' and '.join(too_long)} is longer than {MAX_GOLD_CHARS:,} characters."
+    else:
+        try:
+            gold_id, added = deps.store.add_gold_item([{"role": "user", "content": prompt}], better, worse, source="dashboard")
+            msg = f"Gold item {gold_id} added." if added else f"This gold item is stored already (item {gold_id})."
+        except (FeedbackError, StoreUnavailable) as exc:
+            msg = f"Not added: {exc}"
+    return (html.escape(msg), *_values(view(deps)))
+
+
+def roll_back(deps, admin: AdminSession | None, version: str | None):
     """Point CURRENT at `version` (None: the serving version's parent) and swap the server
     to it right away. Returns (message, *VIEW values)."""
     require_admin(admin)
@@ -505,7 +714,7 @@ def roll_back(deps, admin: bool, version: str | None):
     return (msg, *_values(view(deps)))
 
 
-def retrain(deps, admin: bool):
+def retrain(deps, admin: AdminSession | None):
     """Start one training cycle in the background. Returns (message, *VIEW values)."""
     require_admin(admin)
     if deps.retrain is None:
@@ -526,6 +735,7 @@ def build_dashboard(deps) -> None:
         gr.Markdown(NO_PASSWORD, elem_id="dashboard-locked")
         return
     admin = gr.State(False)
+    guard = LoginGuard()  # one for the whole server: failed logins from any browser session count
     events = {"api_visibility": "private", "concurrency_id": "dashboard", "concurrency_limit": 2}
     with gr.Row():
         password = gr.Textbox(label="Admin password", type="password", max_length=200, scale=3, elem_id="admin-password")
@@ -567,24 +777,54 @@ def build_dashboard(deps) -> None:
             comps["plot_reward"] = gr.ScatterPlot(x="reward model", y="accuracy", color="series", title="Reward-model accuracy",
                                                   y_lim=[0, 1], elem_id="plot-reward-accuracy")
             comps["reward_table"] = gr.Dataframe(label="Reward models", interactive=False, elem_id="reward-table")
+        gr.Markdown(f"### Annotators\nGold accuracy: share of gold items answered with the better reply (95% Wilson interval). "
+                    f"Self-consistency: share of repeated comparisons answered as the first time. Agreement: share of A/B "
+                    f"choices agreeing with the other people who compared the same replies. Weight: reliability in 0..1 "
+                    f"(a newcomer has {annotators.PRIOR_SKILL:g}); below the floor ({deps.args.annotator_floor:g}) a person's "
+                    f"feedback is left out of training.", elem_id="annotators-help")
+        comps["annotators_table"] = gr.Dataframe(label="Annotators", interactive=False, wrap=True, elem_id="annotators-table")
+        with gr.Row():
+            comps["profile_thumbs"] = gr.Dataframe(label="Thumbs-up rate per profile group and version (95% CI)",
+                                                   interactive=False, elem_id="profile-thumbs-table")
+            comps["profile_wins"] = gr.Dataframe(label="Side-by-side win rate per profile group and version (95% CI)",
+                                                 interactive=False, elem_id="profile-wins-table")
+        with gr.Accordion("Gold items: comparisons with a known better reply", open=False, elem_id="gold-items"):
+            gr.Markdown(f"Compare mode shows a gold item instead of new replies in about {deps.args.gold_rate:.0%} of "
+                        "comparisons, unmarked, its replies in random order; the answers measure who judges well and never "
+                        "train the model. Import many with `python -m assistant.annotators import-gold FILE.jsonl`.")
+            gold_prompt = gr.Textbox(label="Question (shown as the user's message)", lines=2, max_length=MAX_GOLD_CHARS, elem_id="gold-prompt")
+            with gr.Row():
+                gold_better = gr.Textbox(label="Better reply", lines=3, max_length=MAX_GOLD_CHARS, elem_id="gold-better")
+                gold_worse = gr.Textbox(label="Worse reply", lines=3, max_length=MAX_GOLD_CHARS, elem_id="gold-worse")
+            gold_btn = gr.Button("Add gold item", size="sm", elem_id="gold-add")
+            gold_msg = gr.Markdown("", elem_id="gold-message")
+            comps["gold_table"] = gr.Dataframe(label="Gold items (newest first)", interactive=False, wrap=True, elem_id="gold-table")
     outputs = [comps[name] for name in VIEW]
 
-    def on_login(password: str):
-        return login(deps, password)
+    def on_login(password: str, request: gr.Request):
+        client = getattr(getattr(request, "client", None), "host", "") or ""
+        return login(deps, password, client, guard)
 
-    def on_refresh(admin: bool):
+    def on_refresh(admin: AdminSession | None):
         return refresh(deps, admin)
 
-    def on_roll_back(admin: bool, version: str | None):
+    def on_tick(admin: AdminSession | None):
+        return tick(deps, admin)
+
+    def on_roll_back(admin: AdminSession | None, version: str | None):
         return roll_back(deps, admin, version)
 
-    def on_retrain(admin: bool):
+    def on_retrain(admin: AdminSession | None):
         return retrain(deps, admin)
+
+    def on_add_gold(admin: AdminSession | None, prompt: str, better: str, worse: str):
+        return add_gold(deps, admin, prompt, better, worse)
 
     login_outputs = [admin, login_msg, body, timer, *outputs]
     login_btn.click(on_login, [password], login_outputs, **events)
     password.submit(on_login, [password], login_outputs, **events)
     refresh_btn.click(on_refresh, [admin], outputs, **events)
-    timer.tick(on_refresh, [admin], outputs, show_progress="hidden", **events)
+    timer.tick(on_tick, [admin], login_outputs, show_progress="hidden", **events)
     rollback_btn.click(on_roll_back, [admin, comps["rollback"]], [action_msg, *outputs], **events)
     retrain_btn.click(on_retrain, [admin], [action_msg, *outputs], **events)
+    gold_btn.click(on_add_gold, [admin, gold_prompt, gold_better, gold_worse], [gold_msg, *outputs], **events)

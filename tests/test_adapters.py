@@ -678,3 +678,92 @@ def test_rollback_without_a_version_refuses_a_parent_that_is_not_a_version(publi
     with pytest.raises(InvalidAdapter, match=r"v000002: no usable parent .*'v000001/' is not a version name.*one of: base"):
         adapters_mod.rollback(published)
     assert read_current(published) == "v000002"
+
+
+# -- pruning old versions --------------------------------------------------------------------
+
+
+def lineage(adapters_dir, parents: dict[str, str]) -> None:
+    """Version directories (a manifest each is all pruning reads) with the given parents."""
+    import json
+
+    for version, parent in parents.items():
+        (adapters_dir / version).mkdir(parents=True)
+        (adapters_dir / version / "manifest.json").write_text(json.dumps({"version": version, "parent": parent, "status": "retired"}))
+
+
+def test_prune_keeps_the_newest_what_serves_the_live_candidate_and_their_ancestors(adapters_dir):
+    lineage(adapters_dir, {"v000001": "base", "v000002": "v000001", "v000003": "v000002", "v000004": "v000003",
+                           "v000005": "v000003", "v000006": "base", "v000007": "v000004", "v000008": "v000003"})
+    set_current(adapters_dir, "v000003")
+    adapters_mod.set_live(adapters_dir, "v000007")
+
+    assert adapters_mod.in_use(adapters_dir) == {"v000003": "CURRENT", "v000002": "ancestor of CURRENT", "v000001": "ancestor of CURRENT",
+                                                 "v000007": "LIVE", "v000004": "ancestor of LIVE"}
+    assert adapters_mod.prune(adapters_dir, keep=1, dry_run=True) == ["v000005", "v000006"]
+    assert versions(adapters_dir) == [f"v00000{i}" for i in range(1, 9)]  # a dry run deletes nothing
+
+    assert adapters_mod.prune(adapters_dir, keep=1) == ["v000005", "v000006"]
+    assert versions(adapters_dir) == ["v000001", "v000002", "v000003", "v000004", "v000007", "v000008"]
+    assert sorted(p.name for p in adapters_dir.iterdir() if p.name.startswith(".v")) == []  # nothing set aside is left
+    assert adapters_mod.prune(adapters_dir, keep=1) == []
+    assert adapters_mod.rollback(adapters_dir) == ("v000003", "v000002")  # the rollback chain is intact
+
+
+def test_prune_keeps_the_newest_n(adapters_dir):
+    lineage(adapters_dir, {f"v00000{i}": "base" for i in range(1, 6)})
+    set_current(adapters_dir, "v000001")
+    assert adapters_mod.prune(adapters_dir, keep=2) == ["v000002", "v000003"]
+    assert versions(adapters_dir) == ["v000001", "v000004", "v000005"]
+    with pytest.raises(ValueError, match="at least 1"):
+        adapters_mod.prune(adapters_dir, keep=0)
+
+
+@pytest.mark.parametrize("pointer, content, why", [
+    ("CURRENT", "../../etc\n", "not a version name"),
+    ("CURRENT", "v000009\n", "CURRENT points at v000009, which is not under"),
+    ("LIVE", "garbage\n", "not a version name"),
+])
+def test_prune_deletes_nothing_when_what_is_in_use_is_unknown(adapters_dir, pointer, content, why):
+    lineage(adapters_dir, {f"v00000{i}": "base" for i in range(1, 5)})
+    (adapters_dir / pointer).write_text(content)
+    with pytest.raises(InvalidAdapter, match=why):
+        adapters_mod.prune(adapters_dir, keep=1)
+    assert versions(adapters_dir) == ["v000001", "v000002", "v000003", "v000004"]
+
+
+def test_prune_deletes_nothing_when_an_ancestors_manifest_is_unreadable(adapters_dir):
+    lineage(adapters_dir, {"v000001": "base", "v000002": "v000001", "v000003": "v000002", "v000004": "base"})
+    set_current(adapters_dir, "v000003")
+    (adapters_dir / "v000002" / "manifest.json").write_text("{torn")
+    with pytest.raises(InvalidAdapter, match="v000002: manifest unreadable"):
+        adapters_mod.prune(adapters_dir, keep=1)
+    assert len(versions(adapters_dir)) == 4
+
+
+def test_a_crash_while_deleting_never_leaves_a_partial_directory_under_a_version_name(adapters_dir, monkeypatch):
+    lineage(adapters_dir, {"v000001": "base", "v000002": "base", "v000003": "base"})
+    for v in ("v000001", "v000002"):
+        (adapters_dir / v / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    set_current(adapters_dir, "v000003")
+
+    def crash(path, ignore_errors=False):  # the process dies after deleting one file
+        next(p for p in sorted(path.iterdir())).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adapters_mod.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        adapters_mod.prune(adapters_dir, keep=1)
+    assert versions(adapters_dir) == ["v000003"]  # both were set aside before any file was deleted
+    left = sorted(p.name for p in adapters_dir.iterdir() if p.name.startswith("."))
+    assert [n.split(".pruned-")[0] for n in left if ".pruned-" in n] == [".v000001", ".v000002"]
+    assert all(adapters_mod.read_manifest(adapters_dir, v) for v in versions(adapters_dir))
+
+
+def test_promote_refuses_when_current_moved_since_the_evaluation(published):
+    adapters_mod.promote(published, "v000001")
+    with pytest.raises(InvalidAdapter, match="evaluated against base, but CURRENT now points at v000001"):
+        adapters_mod.promote(published, "v000002", expect_current=BASE_VERSION)
+    assert read_current(published) == "v000001" and read_manifest(published, "v000002")["status"] == "candidate"
+    assert adapters_mod.promote(published, "v000002", expect_current="v000001") == "v000001"
+    assert read_current(published) == "v000002"

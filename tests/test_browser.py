@@ -20,6 +20,12 @@ its parent): open the Dashboard tab, see a wrong password show nothing, log in, 
 version table and the plots, roll back, and see v000001 serve in the dashboard, the chat
 status line and the next stored reply.
 
+A walk with accounts on (`--no-open`), on the tiny model: sign up with a profile, log
+out, fail to log in with a wrong password, log in, chat, reload the page and find the
+log-in and the conversation still there, open a saved conversation whose reply holds
+images on a local HTTP server (the server gets no request), reopen the first one and
+continue it; the database shows the follow-up in the same conversation.
+
 Needs Debian's Chromium at /usr/bin/chromium (`make browser`); Playwright drives it
 through `executable_path`, no Playwright-managed browser is used. Without it the
 test is skipped, except under CI=true, where it fails instead.
@@ -471,9 +477,12 @@ def test_dashboard_login_and_rollback_in_browser(tmp_path, tiny_dir, trained_pef
     _require(CHROMIUM.exists(), f"no Chromium at {CHROMIUM} (install it with `make browser`)")
     files = _dashboard_files(tmp_path, trained_peft)
     log_path = tmp_path / "app.log"
+    password_file = tmp_path / "admin-password"  # never on the command line
+    password_file.write_text(ADMIN_PASSWORD + "\n")
+    password_file.chmod(0o600)
     args = ("--model", str(tiny_dir), "--db", str(files["feedback.db"]), "--adapters-dir", str(files["adapters"]),
             "--reward-dir", str(files["reward"]), "--lock-file", str(files["trainer.lock"]),
-            "--cycles-log", str(files["cycles.jsonl"]), "--admin-password", ADMIN_PASSWORD, "--max-new-tokens", "8")
+            "--cycles-log", str(files["cycles.jsonl"]), "--admin-password-file", str(password_file), "--max-new-tokens", "8")
 
     def walk(page, url):
         _dashboard_walk_through(page, url)
@@ -532,3 +541,146 @@ def _wait_rows(db_path: Path, sql: str, n: int, timeout_s: float = REPLY_S) -> l
         assert time.monotonic() < deadline, f"fewer than {n} rows from {sql!r} after {timeout_s}s: {[dict(r) for r in rows]}"
         time.sleep(0.5)
     return rows
+
+
+# -- accounts and saved conversations ----------------------------------------------------------
+
+ACCOUNT = "Grace Browser"
+ACCOUNT_PASSWORD = "browser-e2e-password"
+FIRST_MSG = "Remember this conversation."
+FOLLOW_UP = "And continue it after a reload."
+SEEDED_TITLE = "Show me a chart"
+
+
+class _ImageHost:
+    """A tiny local HTTP server that records every request it gets: the host a reply's
+    image points at. The page must never fetch from it."""
+
+    def __init__(self):
+        import http.server
+
+        self.requests: list[str] = []
+        seen = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server API
+                seen.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.e2e
+def test_accounts_and_saved_conversations_in_browser(tmp_path, tiny_dir):
+    _require(CHROMIUM.exists(), f"no Chromium at {CHROMIUM} (install it with `make browser`)")
+    db_path = tmp_path / "feedback.db"
+    args = ("--model", str(tiny_dir), "--db", str(db_path), "--adapters-dir", str(tmp_path / "adapters"),
+            "--max-new-tokens", "8", "--no-open")
+    host = _ImageHost()
+    try:
+        _in_browser(args, tmp_path, tmp_path / "app.log", lambda page, url: _accounts_walk(page, url, db_path, host), "accounts.png")
+    finally:
+        host.close()
+
+
+def _field(page, elem_id: str):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def _seed_image_conversation(db_path: Path, host: _ImageHost) -> str:
+    """A saved conversation of ACCOUNT whose stored reply shows an image from `host`, written
+    the way the app saves one (a stored reply and the transcript that points at it)."""
+    from assistant.feedback import FeedbackStore
+
+    text = f"Here it is: ![]({host.url}/x.png) and ![chart]({host.url}/chart.png)"
+    with FeedbackStore(db_path) as store:
+        uid = store.credential(ACCOUNT)[0]
+        cid = store.new_conversation(uid, "You are a helpful assistant.")
+        store.add_message(cid, "user", SEEDED_TITLE)
+        context = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": SEEDED_TITLE}]
+        rid = store.add_reply(conversation_id=cid, context=context, text=text, params={}, model="tiny", adapter_version=BASE_VERSION,
+                              prompt_tokens=1, completion_tokens=1, latency_ms=1.0, ttft_ms=1.0, finish_reason="eos")
+        store.save_conversation_state(cid, uid, SEEDED_TITLE, {"turns": [
+            {"role": "user", "content": SEEDED_TITLE, "reply_id": None, "note": "", "version": ""},
+            {"role": "assistant", "content": text, "reply_id": rid, "note": "", "version": BASE_VERSION}],
+            "pending": None, "ranking": None})
+    return cid
+
+
+def _accounts_walk(page, url: str, db_path: Path, host: _ImageHost) -> None:
+    page.goto(url)
+    _field(page, "account-name").wait_for(state="visible", timeout=START_S * 1000)
+    assert page.locator("#user-name").count() == 0, "the open-mode name box is shown in accounts mode"
+
+    # -- sign up (with a profile), log out, log in again
+    _field(page, "account-name").fill(ACCOUNT)
+    _field(page, "account-password").fill(ACCOUNT_PASSWORD)
+    _field(page, "user-profile").fill(PROFILE)
+    page.locator("#sign-up").click()
+    _wait_text(page, "#status", f"Signed in as {ACCOUNT}")
+    page.locator("#login-row").wait_for(state="hidden")
+    assert _field(page, "profile-edit").input_value() == PROFILE
+    page.locator("#log-out").click()
+    _wait_text(page, "#status", "Logged out")
+    _field(page, "account-password").wait_for(state="visible")
+    _field(page, "account-name").fill(ACCOUNT)
+    _field(page, "account-password").fill("a wrong password")
+    page.locator("#log-in").click()
+    _wait_text(page, "#status", "Wrong name or password")
+    _field(page, "account-password").fill(ACCOUNT_PASSWORD)
+    page.locator("#log-in").click()
+    _wait_text(page, "#status", f"Signed in as {ACCOUNT}")
+
+    # -- chat; the conversation is listed under its first message
+    _send(page, FIRST_MSG)
+    _wait_text(page, USER, FIRST_MSG)
+    [reply] = _wait_rows(db_path, "SELECT id, conversation_id FROM replies", 1)
+    _wait_text(page, "#conversations", FIRST_MSG)
+
+    # -- a reload keeps the log-in and shows the conversation again
+    page.reload()
+    _wait_text(page, "#status", f"Signed in as {ACCOUNT}", START_S)
+    _wait_text(page, USER, FIRST_MSG)
+    _wait_text(page, "#conversations", FIRST_MSG)
+    assert page.locator("#login-row").is_hidden()
+
+    # -- a saved reply with remote images: shown, and nothing fetched from their host
+    _seed_image_conversation(db_path, host)
+    page.locator("#clear").click()
+    page.wait_for_function("(sel) => document.querySelectorAll(sel).length === 0", arg=USER)
+    _wait_text(page, "#conversations", SEEDED_TITLE)
+    page.locator("#conversations").get_by_text(SEEDED_TITLE).click()
+    _wait_text(page, "#status", "reopened")
+    _wait_text(page, BOT, "Here it is:")
+    page.wait_for_timeout(1500)  # time for any image request to start
+    assert page.locator(f"#chatbot img[src*='{host.url}']").count() == 0, "an image from a reply was rendered"
+    assert host.requests == [], f"the page fetched {host.requests} from the reply's image host"
+
+    # -- reopen the first conversation and continue it
+    page.locator("#conversations").get_by_text(FIRST_MSG).click()
+    _wait_text(page, USER, FIRST_MSG)
+    _send(page, FOLLOW_UP)
+    rows = _wait_rows(db_path, "SELECT conversation_id, context FROM replies WHERE context LIKE '%continue it after%'", 1)
+    assert rows[0]["conversation_id"] == reply["conversation_id"], "the follow-up went to another conversation"
+    context = json.loads(rows[0]["context"])
+    assert [m["content"] for m in context if m["role"] == "user"] == [FIRST_MSG, FOLLOW_UP], context
+    [user] = _db_rows(db_path, "SELECT id, profile FROM users WHERE name = ?", ACCOUNT)
+    assert user["profile"] == PROFILE
+    [state] = _wait_rows(db_path, f"SELECT state FROM conversation_states WHERE conversation_id = '{reply['conversation_id']}' "
+                                  "AND state LIKE '%continue it after%' AND state LIKE '%\"version\": \"base\"%'", 1)
+    turns = json.loads(state["state"])["turns"]
+    assert [t["role"] for t in turns][:3] == ["user", "assistant", "user"] and turns[1]["reply_id"] == reply["id"], turns
+    assert len(_db_rows(db_path, "SELECT 1 FROM conversation_states WHERE user_id = ?", user["id"])) == 2

@@ -1,5 +1,7 @@
 """Tests for assistant/dashboard.py: the queries on a real feedback store, the views of the
-trainer's files, the admin guard, and rollback through the handler on a real engine.
+trainer's files, the admin guard (login backoff, session expiry, the password kept off
+the command line by app.py), rollback through the handler on a real engine, gold items,
+the annotators view and the breakdown by profile group.
 
 Feedback is written through FeedbackStore's own methods; adapters are real tiny ones
 published with assistant.adapters.publish. No browser (see test_browser.py for that).
@@ -9,13 +11,14 @@ Run: python -m pytest tests/test_dashboard.py -q
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 import pytest
 
-from assistant import adapters, dashboard
+from assistant import adapters, annotators, dashboard
 from assistant.adapters import CurrentWatcher, promote, publish, read_current, reject
 from assistant.config import ServeArgs
 from assistant.feedback import FeedbackStore
@@ -276,6 +279,14 @@ def deps(tmp_path, lineage, engine, store):
     return d
 
 
+@pytest.fixture
+def admin(deps) -> dashboard.AdminSession:
+    """A valid admin login, as `login` puts it in the session state."""
+    session = dashboard.login(deps, PASSWORD)[0]
+    assert isinstance(session, dashboard.AdminSession)
+    return session
+
+
 def values(out: tuple) -> dict:
     """The VIEW part of a handler's return value, by name."""
     return dict(zip(dashboard.VIEW, out[-len(dashboard.VIEW):]))
@@ -301,7 +312,9 @@ def test_wrong_password_returns_nothing(deps):
 
 def test_login_shows_the_dashboard(deps):
     out = dashboard.login(deps, PASSWORD)
-    assert out[0] is True and out[2]["visible"] is True and out[3]["active"] is True
+    assert isinstance(out[0], dashboard.AdminSession) and out[2]["visible"] is True and out[3]["active"] is True
+    assert out[0].expires_at == pytest.approx(time.monotonic() + 60 * deps.args.admin_session_minutes, abs=5)
+    assert "for 60 minutes" in out[1]
     shown = values(out)
     assert "**Serving:** `v000002`" in shown["status"]
     assert shown["versions"].set_index("version").loc["v000002", "serving"] == "serving"
@@ -310,20 +323,92 @@ def test_login_shows_the_dashboard(deps):
     assert shown["plot_reward"]["caption"] == "No reward model trained yet."
 
 
-@pytest.mark.parametrize("handler, args", [
-    (dashboard.refresh, ()), (dashboard.roll_back, ("v000001",)), (dashboard.retrain, ()),
-])
-@pytest.mark.parametrize("admin", [False, None, "true"])
+HANDLERS = [(dashboard.refresh, ()), (dashboard.roll_back, ("v000001",)), (dashboard.retrain, ()),
+            (dashboard.add_gold, ("Is water wet?", "Yes.", "No."))]
+
+
+@pytest.mark.parametrize("handler, args", HANDLERS)
+@pytest.mark.parametrize("admin", [False, None, "true", True])
 def test_handlers_refuse_without_login(deps, handler, args, admin):
     with pytest.raises(gr.Error, match="Log in"):
         handler(deps, admin, *args)
     assert read_current(deps.args.adapters_dir) == "v000002"
     assert deps.engine.policy.current == "v000002"
     assert deps.retrain_calls == []
+    assert deps.store.gold_items() == []
 
 
-def test_roll_back_swaps_the_serving_version_at_once(deps):
-    out = dashboard.roll_back(deps, True, "v000001")
+@pytest.mark.parametrize("handler, args", HANDLERS)
+def test_handlers_refuse_once_the_admin_session_has_expired(deps, admin, handler, args):
+    ended = dashboard.AdminSession(expires_at=time.monotonic() - 1, minutes=60)
+    with pytest.raises(gr.Error, match="session has ended .*60 minutes.*log in again"):
+        handler(deps, ended, *args)
+    assert read_current(deps.args.adapters_dir) == "v000002" and deps.retrain_calls == [] and deps.store.gold_items() == []
+    handler(deps, admin, *args)  # a valid one goes through
+
+
+def test_the_auto_refresh_logs_out_when_the_session_expires(deps, admin):
+    out = dashboard.tick(deps, admin)
+    assert out[0] is admin and out[2]["visible"] is True and "**Serving:**" in values(out)["status"]
+    out = dashboard.tick(deps, dashboard.AdminSession(expires_at=time.monotonic() - 1, minutes=5))
+    assert out[0] is False and "ended" in out[1] and out[2]["visible"] is False and out[3]["active"] is False
+    assert values(out)["status"] == "" and values(out)["annotators_table"]["value"] is None
+
+
+def test_admin_sessions_last_the_configured_minutes(deps):
+    deps.args.admin_session_minutes = 0.5
+    session = dashboard.login(deps, PASSWORD)[0]
+    assert session.expires_at - time.monotonic() == pytest.approx(30, abs=5)
+    dashboard.require_admin(session, now=session.expires_at - 1)
+    with pytest.raises(gr.Error, match="ended"):
+        dashboard.require_admin(session, now=session.expires_at)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failed_logins_from_one_address_back_off_doubling_and_say_how_long(deps):
+    clock = Clock()
+    guard = dashboard.LoginGuard(clock)
+    for _ in range(dashboard.FREE_FAILURES_PER_CLIENT):
+        assert dashboard.login(deps, "wrong", "10.0.0.1", guard)[1] == "Wrong password."
+    waits = []
+    for _ in range(4):
+        out = dashboard.login(deps, "wrong", "10.0.0.1", guard)
+        assert out[0] is False and "Wrong password. Too many failed logins" in out[1]
+        waits.append(guard.wait_s("10.0.0.1"))
+        assert f"{int(waits[-1])} s" in out[1]
+        refused = dashboard.login(deps, PASSWORD, "10.0.0.1", guard)  # during the wait even the right password is not checked
+        assert refused[0] is False and refused[1].startswith("Too many failed logins. Wait")
+        clock.now += waits[-1]
+    assert waits == [1.0, 2.0, 4.0, 8.0]
+    assert guard.wait_s("10.0.0.2") == 0  # another address may still try
+    assert isinstance(dashboard.login(deps, PASSWORD, "10.0.0.1", guard)[0], dashboard.AdminSession)
+    assert guard.wait_s("10.0.0.1") == 0  # a success clears the count
+    assert dashboard.login(deps, "wrong", "10.0.0.1", guard)[1] == "Wrong password."
+
+
+def test_failed_logins_from_many_addresses_back_off_overall_and_the_wait_is_capped(deps):
+    clock = Clock()
+    guard = dashboard.LoginGuard(clock)
+    for i in range(dashboard.FREE_FAILURES_OVERALL):
+        assert dashboard.login(deps, "wrong", f"10.0.1.{i}", guard)[1] == "Wrong password."
+    assert "Too many failed logins" in dashboard.login(deps, "wrong", "10.0.2.1", guard)[1]
+    assert guard.wait_s("10.0.3.3") == 1.0  # everyone waits now
+    for _ in range(30):
+        clock.now += guard.wait_s("x")
+        guard.failed("x")
+    assert guard.wait_s("x") == dashboard.BACKOFF_MAX_S
+    assert "Wait 15 min" in dashboard.login(deps, PASSWORD, "10.0.9.9", guard)[1]
+
+
+def test_roll_back_swaps_the_serving_version_at_once(deps, admin):
+    out = dashboard.roll_back(deps, admin, "v000001")
     assert deps.engine.policy.current == "v000001"
     assert read_current(deps.args.adapters_dir) == "v000001"
     assert "now serving `v000001`" in out[0]
@@ -335,28 +420,28 @@ def test_roll_back_swaps_the_serving_version_at_once(deps):
     assert shown["rollback"]["choices"] == ["base", "v000002"] and shown["rollback"]["value"] == "base"
 
 
-def test_roll_back_without_a_choice_goes_to_the_parent(deps):
-    dashboard.roll_back(deps, True, None)
+def test_roll_back_without_a_choice_goes_to_the_parent(deps, admin):
+    dashboard.roll_back(deps, admin, None)
     assert deps.engine.policy.current == "v000001"
 
 
-def test_roll_back_to_a_rejected_version_is_refused(deps):
-    out = dashboard.roll_back(deps, True, "v000003")
+def test_roll_back_to_a_rejected_version_is_refused(deps, admin):
+    out = dashboard.roll_back(deps, admin, "v000003")
     assert "Rollback refused" in out[0] and "rejected" in out[0]
     assert deps.engine.policy.current == "v000002" and read_current(deps.args.adapters_dir) == "v000002"
 
 
-def test_retrain_starts_a_cycle_or_says_it_cannot(deps):
-    assert dashboard.retrain(deps, True)[0] == "Started a training cycle (pid 1)."
+def test_retrain_starts_a_cycle_or_says_it_cannot(deps, admin):
+    assert dashboard.retrain(deps, admin)[0] == "Started a training cycle (pid 1)."
     assert deps.retrain_calls == [1]
     deps.retrain = None
-    assert "not available" in dashboard.retrain(deps, True)[0]
+    assert "not available" in dashboard.retrain(deps, admin)[0]
 
 
-def test_refresh_survives_unreadable_parts(deps):
+def test_refresh_survives_unreadable_parts(deps, admin):
     (Path(deps.args.adapters_dir) / "CURRENT").write_text("garbage\n")
     Path(deps.store.path).unlink()
-    shown = values(dashboard.refresh(deps, True))
+    shown = values(dashboard.refresh(deps, admin))
     assert "Could not read" in shown["status"] and "CURRENT pointer" in shown["status"] and "feedback database" in shown["status"]
     assert shown["plot_time"]["value"] is None
     assert not shown["versions"].empty
@@ -371,15 +456,17 @@ def test_demo_has_the_dashboard_tab_with_private_endpoints_and_no_data_in_its_co
     for elem_id in ("admin-password", "admin-login", "serving-version", "versions-table", "rollback-version", "rollback", "retrain"):
         assert f'"{elem_id}"' in config, elem_id
     assert "v000001" not in config and "r000002" not in config  # nothing leaks before login
-    handlers = [f for f in demo.fns.values() if f.name in ("on_login", "on_refresh", "on_roll_back", "on_retrain")]
-    assert len(handlers) == 6  # login by button and Enter, refresh by button and timer
+    for elem_id in ("annotators-table", "profile-thumbs-table", "profile-wins-table", "gold-prompt", "gold-add", "gold-table"):
+        assert f'"{elem_id}"' in config, elem_id
+    handlers = [f for f in demo.fns.values() if f.name in ("on_login", "on_refresh", "on_tick", "on_roll_back", "on_retrain", "on_add_gold")]
+    assert len(handlers) == 7  # login by button and Enter, refresh by button, the timer, and one each for the rest
     assert {f.api_visibility for f in handlers} == {"private"}
 
 
 def test_dashboard_is_locked_without_a_password(deps):
     deps.args.admin_password = ""
     config = json.dumps(build_demo(deps).config, default=str)
-    assert '"dashboard-locked"' in config and "ASSISTANT_ADMIN_PASSWORD" in config
+    assert '"dashboard-locked"' in config and "ASSISTANT_ADMIN_PASSWORD" in config and "--admin-password-file" in config
     assert '"admin-password"' not in config and '"rollback"' not in config
 
 
@@ -438,3 +525,112 @@ def test_tie_table_is_shown_after_login(deps):
     assert isinstance(shown["tie_table"], pd.DataFrame)
     assert list(shown["tie_table"].columns) == ["version", "mode", "variant", "pairs", "ties", "both_bad", "tie_rate", "ci_low", "ci_high"]
     assert dashboard.blank()["tie_table"]["value"] is None
+
+
+# -- gold items, annotators and profile groups ----------------------------------------------
+
+
+def test_an_admin_adds_gold_items_and_sees_them_with_their_answers(deps, admin):
+    out = dashboard.add_gold(deps, admin, "  Is <b>water</b> wet? ", "Yes.", "No.")
+    assert out[0] == "Gold item 1 added."
+    assert deps.store.gold_item(1)["prompt"] == [{"role": "user", "content": "Is <b>water</b> wet?"}]
+    assert dashboard.add_gold(deps, admin, "Is <b>water</b> wet?", "Yes.", "No.")[0] == "This gold item is stored already (item 1)."
+    assert "needs a question" in dashboard.add_gold(deps, admin, "", "Yes.", "No.")[0]
+    assert "Not added" in dashboard.add_gold(deps, admin, "Same?", "x", "x")[0]
+    assert "longer than" in dashboard.add_gold(deps, admin, "q" * (dashboard.MAX_GOLD_CHARS + 1), "a", "b")[0]
+    ada = deps.store.ensure_user("ada")
+    deps.store.add_gold_answer(1, ada, "b", "b")
+    deps.store.add_gold_answer(1, deps.store.ensure_user("bob"), "a", "b")
+    table = values(out)["gold_table"]
+    assert table.to_dict("records") == [{"id": 1, "question": "Is <b>water</b> wet?", "better reply": "Yes.", "worse reply": "No.",
+                                         "source": "dashboard", "answers": 0, "answered right": 0}]
+    table = values(dashboard.refresh(deps, admin))["gold_table"]
+    assert table[["answers", "answered right"]].values.tolist() == [[2, 1]]
+
+
+def test_the_annotators_table_shows_figures_weight_and_why_someone_is_excluded(deps, admin, store):
+    careful, coin = store.ensure_user("careful", "Nurse"), store.ensure_user("coin")
+    for i in range(12):
+        gid, _ = store.add_gold_item([{"role": "user", "content": f"q{i}"}], "good", "bad", "t")
+        store.add_gold_answer(gid, careful, "a", "a")
+        store.add_gold_answer(gid, coin, "a", "a" if i < 3 else "b")
+    conv = store.new_conversation(careful)
+    r1, r2 = add_reply(store, conv, "base"), add_reply(store, conv, "v000001")
+    c = store.add_comparison(r1, r2, "a", careful)
+    store.add_repeat_answer(c, careful, "a")
+    table = values(dashboard.refresh(deps, admin))["annotators_table"]
+    assert list(table.columns) == dashboard.ANNOTATOR_COLUMNS
+    rows = table.set_index("name")
+    lo, hi = annotators.wilson(12, 12)
+    assert rows.loc["careful", "gold accuracy (95% CI)"] == f"1.00 [{lo:.2f}, {hi:.2f}] n=12"
+    assert rows.loc["careful", "self-consistency"] == "1.00 (1/1)" and rows.loc["careful", "volume"] == 1
+    assert rows.loc["careful", "excluded"] == "" and rows.loc["careful", "weight"] > 0.8
+    assert rows.loc["coin", "excluded"] == "excluded" and "gold items 3/12 right" in rows.loc["coin", "why"]
+    deps.args.annotator_floor = 0.0  # the server's floor decides what the table calls excluded
+    assert values(dashboard.refresh(deps, admin))["annotators_table"].set_index("name").loc["coin", "excluded"] == ""
+
+
+def test_win_and_thumbs_up_rates_by_normalised_profile_group(store):
+    nurse, nurse2, dev, anon = (store.ensure_user(n, p) for n, p in
+                                (("ada", "Nurse"), ("bea", " nurse."), ("cy", "Python developer"), ("dan", "")))
+    cid = store.new_conversation(nurse)
+    base, new = add_reply(store, cid, "base"), add_reply(store, cid, "v000001")
+    store.add_comparison(base, new, "b", nurse)
+    store.add_comparison(new, base, "a", nurse2)
+    store.add_comparison(base, new, "a", dev)
+    store.set_vote(new, nurse, 1)
+    store.set_vote(new, nurse2, -1)
+    store.set_vote(base, dev, 1)
+    store.set_vote(new, anon, 1)
+    store.import_pair(CTX, "4", "5", "pairs.jsonl")
+    wins = dashboard.wins_by_profile(con(store)).set_index(["profile", "version"])
+    assert wins.loc[("nurse", "v000001"), ["wins", "decisive"]].tolist() == [2, 2]
+    assert wins.loc[("nurse", "base"), "win_rate"] == 0.0
+    assert wins.loc[("python developer", "base"), "win_rate"] == 1.0
+    assert (wins.loc[("nurse", "v000001"), "ci_low"], wins.loc[("nurse", "v000001"), "ci_high"]) == pytest.approx(dashboard.wilson(2, 2))
+    thumbs = dashboard.thumbs_by_profile(con(store)).set_index(["profile", "version"])
+    assert thumbs.loc[("nurse", "v000001"), ["up", "down"]].tolist() == [1, 1]
+    assert thumbs.loc[(annotators.NO_PROFILE, "v000001"), "up_rate"] == 1.0
+    assert thumbs.loc[("python developer", "base"), "up_rate"] == 1.0
+    assert "import" not in set(thumbs.index.get_level_values("version")) | set(wins.index.get_level_values("version"))
+
+
+# -- the password stays off the command line (app.py) -------------------------------------------------
+
+
+def test_the_admin_password_flag_is_refused_with_a_pointer_to_the_env_var_and_the_file(capsys):
+    import app
+
+    for argv in (["--admin-password", "S3CRET"], ["--admin-password=S3CRET"], ["--port", "8000", "--admin-password", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            app.parse_args(argv, environ={})
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "ASSISTANT_ADMIN_PASSWORD" in err and "--admin-password-file" in err and "S3CRET" not in err
+    with pytest.raises(SystemExit):  # no abbreviation of --admin-password-file takes a password either
+        app.parse_args(["--admin-pass", "S3CRET"], environ={})
+    assert "S3CRET" not in capsys.readouterr().err
+
+
+def test_the_admin_password_comes_from_the_environment_or_a_file(tmp_path, capsys):
+    import app
+
+    assert app.parse_args([], environ={})[1].admin_password == ""
+    assert app.parse_args([], environ={"ASSISTANT_ADMIN_PASSWORD": "from-env"})[1].admin_password == "from-env"
+    secret = tmp_path / "admin.txt"
+    secret.write_text("from file  \nsecond line\n")
+    secret.chmod(0o600)
+    _, args = app.parse_args(["--admin-password-file", str(secret), "--admin-session-minutes", "15"], environ={})
+    assert (args.admin_password, args.admin_session_minutes) == ("from file", 15.0)
+    for environ, path, message in (({"ASSISTANT_ADMIN_PASSWORD": "x"}, secret, "keep one"),
+                                   ({}, tmp_path / "missing.txt", "cannot read it"),
+                                   ({}, tmp_path / "empty.txt", "first line is empty")):
+        if path.name == "empty.txt":
+            path.write_text("\n")
+        with pytest.raises(SystemExit):
+            app.parse_args(["--admin-password-file", str(path)], environ=environ)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        app.parse_args(["--admin-session-minutes", "0"], environ={})
+    assert "--admin-session-minutes must be positive" in capsys.readouterr().err
+    assert "--annotator-floor" in app.trainer_command(*app.parse_args([], environ={}), "run")

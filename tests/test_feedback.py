@@ -145,7 +145,7 @@ def test_v3_migration_keeps_every_row_and_id_and_allows_rank_replies(tmp_path, m
             assert old.schema_version() == 2
     before = dump(path)
     with FeedbackStore(path) as store:
-        assert store.schema_version() == len(MIGRATIONS) == 3
+        assert store.schema_version() == len(MIGRATIONS) >= 3
         assert dump(path) == before  # every row, every id, every value
         r4 = add_reply(store, conv, "Four!", source="rank")
         assert r4 == max(r for (r, *_) in before["replies"]) + 1

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("assistant", "trainer")
 PURE = ("assistant.config", "assistant.feedback", "assistant.feedback.schema", "assistant.feedback.store",
         "assistant.feedback.pairs", "assistant.feedback.export", "assistant.cycles", "trainer.config", "trainer.data",
-        "trainer.gate")
+        "trainer.gate", "assistant.portable", "assistant.backup", "assistant.limits", "assistant.accounts")
 MODEL_LIBRARIES = {"torch", "transformers", "peft", "bitsandbytes"}
 
 

@@ -155,6 +155,34 @@ def test_a_step_with_too_few_rows_is_refused_before_training(tiny_args, tmp_path
         policy.train_step("dpo", model, tok, pa, ppo_args, examples=preference(), progress=False)
 
 
+def test_dpo_and_kto_rows_leave_out_excluded_annotators_and_weightless_examples(tmp_path):
+    """TRL's DPO and KTO take no weight per row: the annotator weights reach them as the
+    rows of people under the floor left out (build_examples) and rows of weight 0 dropped."""
+    from assistant.feedback import FeedbackStore
+    from trainer.data import build_examples, read_snapshot
+
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        ada, coin = store.ensure_user("ada"), store.ensure_user("coin")
+        for i in range(16):  # coin gets 2 of 16 gold items right: under the floor
+            gid, _ = store.add_gold_item([{"role": "user", "content": f"q{i}"}], "good", "bad", "test")
+            store.add_gold_answer(gid, coin, "a", "a" if i < 2 else "b")
+        conv = store.new_conversation(ada)
+        for i, (text, user) in enumerate([(PROMPTS[0], ada), (PROMPTS[1], coin)]):
+            ids = [store.add_reply(conversation_id=conv, context=[{"role": "user", "content": text}], text=reply, params={},
+                                   model="tiny", adapter_version="base", prompt_tokens=1, completion_tokens=1, latency_ms=1.0,
+                                   ttft_ms=None, finish_reason="stop", source="compare") for reply in ("yes", "no, never")]
+            store.add_comparison(*ids, "a", user)
+            store.set_vote(ids[0], user, 1)
+    examples = build_examples(read_snapshot(tmp_path / "feedback.db"))
+    assert [r["prompt"][0]["content"] for r in policy.dpo_rows(examples)] == [PROMPTS[0]]
+    assert {r["prompt"][0]["content"] for r in policy.kto_rows(examples)} == {PROMPTS[0]}
+    weightless = Examples(pairs=[dataclasses.replace(p, weight=0.0) for p in preference().pairs[:3]] + preference().pairs[3:],
+                          pointwise=[dataclasses.replace(thumbs().pointwise[0], weight=0.0)])
+    assert len(policy.dpo_rows(weightless)) == len(PROMPTS) - 3
+    assert {(r["prompt"][0]["content"], r["label"]) for r in policy.kto_rows(weightless)} == {
+        (p, label) for p in PROMPTS[3:] for label in (True, False)}
+
+
 # -- reward functions ---------------------------------------------------------------------------
 
 

@@ -67,3 +67,14 @@ def test_a_missing_or_garbled_directory_says_what_is_wrong(tmp_path, make_adapte
     assert "unreadable" in portable.problems(d)[-1]
     (d / "adapter_model.safetensors").unlink()
     assert "missing" in portable.problems(d)[-1]
+
+
+def test_publishing_refuses_an_adapter_serving_engines_could_not_load(tmp_path, trained_peft):
+    from assistant import adapters
+
+    good = adapters.publish(tmp_path, trained_peft(seed=1), "default", {"parent": "base"})
+    assert portable.problems(tmp_path / good) == []
+    wide = trained_peft(seed=2, lora_target_modules="q_proj,embed_tokens")  # an embedding LoRA: not servable there
+    with pytest.raises(adapters.InvalidAdapter, match="not publishing v000002: target_modules"):
+        adapters.publish(tmp_path, wide, "default", {"parent": "base"})
+    assert adapters.versions(tmp_path) == [good] and not [p for p in tmp_path.iterdir() if p.name.startswith(".v")]

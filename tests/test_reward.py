@@ -1,7 +1,8 @@
 """Tests for trainer/reward.py: the losses and the Wilson interval against hand
 computations, last-token scoring under padding and truncation, fitting a preference
 with an obvious rule, which parameters a fit trains, refusing too little data,
-the on-disk round trip and its manifest, normalisation, and the nf4 path on CPU.
+the on-disk round trip and its manifest, normalisation, the nf4 path on CPU, and
+annotator weights beating an unweighted fit when a random voter casts a third of the votes.
 
 Everything runs on the tiny seeded model from tests/tiny.py, offline, on CPU.
 Run: python -m pytest tests/test_reward.py -q
@@ -17,10 +18,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from assistant import annotators
 from assistant.config import ModelArgs
+from assistant.feedback import FeedbackStore
 from trainer import reward
 from trainer.config import RewardArgs
-from trainer.data import Examples, Pair, Pointwise, prompt_messages
+from trainer.data import Examples, Pair, Pointwise, build_examples, prompt_messages, read_snapshot
 
 FRUIT = "apple cherry grape lemon mango melon peach plum kiwi fig lime pear".split()
 TOPICS = "fruit snacks lunch breakfast dessert shopping garden market recipe picnic".split()
@@ -280,3 +283,58 @@ def test_nf4_fit_trains_and_scores(model_args):
     pairs = banana_pairs(4, seed=8)
     scores = rm.score([prompt_messages(p.prompt) for p in pairs], [p.chosen for p in pairs])
     assert scores.shape == (4,) and torch.isfinite(scores).all()
+
+
+# -- annotator weights ------------------------------------------------------------------
+
+
+def test_relative_weights_have_mean_1_and_keep_their_ratios():
+    pairs = [Pair((("user", "q"),), "a", "b", "c", "comparison", weight=w) for w in (0.9, 0.3, 0.0)]
+    assert reward.relative_weights(pairs) == pytest.approx([2.25, 0.75, 0.0])
+    assert reward.relative_weights(pairs[:1] * 3) == pytest.approx([1.0, 1.0, 1.0])  # equal weights: the unweighted fit
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        reward.relative_weights([dataclasses.replace(pairs[0], weight=float("nan"))])
+
+
+def voted_examples(path, seed: int) -> tuple[Examples, dict]:
+    """96 banana pairs, each judged once: a third by each of two careful people (the
+    banana reply, 20/20 gold items right) and a third by a coin flipper (either reply,
+    and about half of 20 gold items). Read back through the store with the floor at 0,
+    so the coin flipper is weighed down, not left out. Returns (examples, weight by name)."""
+    rng = random.Random(seed)
+    with FeedbackStore(path) as store:
+        ada, bob, coin = (store.ensure_user(name) for name in ("ada", "bob", "coin"))
+        for i in range(20):
+            gid, _ = store.add_gold_item([{"role": "user", "content": f"Gold question {i}?"}], f"right {i}", f"wrong {i}", "test")
+            for uid, choice in ((ada, "a"), (bob, "a"), (coin, rng.choice("ab"))):
+                store.add_gold_answer(gid, uid, "a", choice)
+        for i, p in enumerate(banana_pairs(96, seed)):
+            voter = (ada, bob, coin)[i % 3]
+            conv = store.new_conversation(voter)
+            ids = [store.add_reply(conversation_id=conv, context=prompt_messages(p.prompt), text=text, params={}, model="tiny",
+                                   adapter_version="base", prompt_tokens=1, completion_tokens=1, latency_ms=1.0, ttft_ms=None,
+                                   finish_reason="stop", source="compare") for text in (p.chosen, p.rejected)]
+            store.add_comparison(*ids, rng.choice("ab") if voter == coin else "a", voter)
+    snapshot = read_snapshot(path)
+    people = annotators.weights(snapshot.checks, snapshot.users, floor=0.0)
+    return build_examples(snapshot, annotator_floor=0.0), {snapshot.users[uid]: w.weight for uid, w in people.items()}
+
+
+def test_annotator_weights_beat_an_unweighted_fit_when_a_third_of_the_votes_are_random(model_args, tmp_path):
+    held_out = banana_pairs(128, seed=77)
+    weighted_correct = unweighted_correct = wins = 0
+    for seed in (1, 2, 3):
+        examples, weights = voted_examples(tmp_path / f"feedback-{seed}.db", seed)
+        assert len(examples.pairs) == 96
+        assert weights["ada"] == weights["bob"] > 0.8 > 0.3 > weights["coin"]  # the coin flipper counts, a little
+        assert sorted({round(p.weight, 6) for p in examples.pairs}) == sorted({round(w, 6) for w in weights.values()})
+        args = dataclasses.replace(FIT_ARGS, seed=seed)
+        scores = []
+        for train in (examples, Examples(pairs=[dataclasses.replace(p, weight=1.0) for p in examples.pairs])):
+            rm, _ = reward.fit(model_args, args, train, Examples(), progress=False)
+            scores.append(reward.evaluate_pairs(rm, held_out)["accuracy"])
+        weighted_correct += round(scores[0] * 128)
+        unweighted_correct += round(scores[1] * 128)
+        wins += scores[0] > scores[1]
+    assert wins >= 2, (weighted_correct, unweighted_correct)
+    assert weighted_correct / 384 > unweighted_correct / 384 + 0.04, (weighted_correct, unweighted_correct)

@@ -85,6 +85,7 @@ class Loop:
                            reward_gradient_checkpointing=False),
                 ppo_args,
                 ScheduleArgs(lock_file=str(self.root / "trainer.lock"), cycles_log=str(self.root / "cycles.jsonl"),
+                             backup_dir=str(self.root / "backups"),
                              **{"eval_max_new_tokens": 8, **schedule_overrides}))
 
     def chat(self, user: str, text: str, compare: bool) -> ui.Session:
@@ -406,20 +407,34 @@ def test_sigkill_at_random_points_never_leaves_a_partial_adapter_in_use_and_the_
 def test_tidy_removes_unfinished_directories_and_makes_statuses_agree_with_current(tmp_path, trained_peft):
     adir, rdir = tmp_path / "adapters", tmp_path / "reward"
     rdir.mkdir()
-    for _ in range(3):
-        adapters.publish(adir, trained_peft(), "default", {"parent": BASE_VERSION})
+    for _ in range(3):  # published by cycles (a cycle records its judge)
+        adapters.publish(adir, trained_peft(), "default", {"parent": BASE_VERSION, "judge_model": "r000002"})
+    adapters.publish(adir, trained_peft(), "default", {"parent": BASE_VERSION})  # by hand (`python -m trainer ppo`)
     adapters.update_manifest(adir, "v000001", status="active")  # CURRENT moved on but the status did not
     adapters.set_current(adir, "v000002")  # status still 'candidate'
-    (adir / ".v000004.abc").mkdir()
+    (adir / ".v000005.abc").mkdir()
     (rdir / ".r000002.xyz").mkdir()
+    (adir / ".v000001.pruned-1234abcd").mkdir()  # a prune that died between renaming and deleting
 
     done = schedule.tidy(adir, rdir)
 
-    assert not (adir / ".v000004.abc").exists() and not (rdir / ".r000002.xyz").exists()
+    assert not (adir / ".v000005.abc").exists() and not (rdir / ".r000002.xyz").exists() and not (adir / ".v000001.pruned-1234abcd").exists()
     statuses = {m["version"]: m["status"] for m in adapters.manifests(adir)}
-    assert statuses == {"v000001": "retired", "v000002": "active", "v000003": "rejected"}
-    assert len(done) == 5
+    assert statuses == {"v000001": "retired", "v000002": "active", "v000003": "rejected", "v000004": "candidate"}  # v000004 waits for `evaluate`
+    assert len(done) == 6
     assert schedule.tidy(adir, rdir) == []
+
+
+@pytest.mark.parametrize("pointer", ["CURRENT", "LIVE"])
+def test_tidy_leaves_statuses_alone_on_a_garbled_pointer_and_says_why(tmp_path, trained_peft, pointer):
+    adir = tmp_path / "adapters"
+    adapters.publish(adir, trained_peft(), "default", {"parent": BASE_VERSION, "judge_model": "r000002"})
+    (adir / ".v000002.abc").mkdir()
+    (adir / pointer).write_text("garbage\n")
+    done = schedule.tidy(adir, tmp_path / "reward")
+    assert done[0].startswith("removed unfinished") and not (adir / ".v000002.abc").exists()
+    assert done[1].startswith("statuses left as they are: ") and "holds 'garbage'" in done[1]
+    assert adapters.read_manifest(adir, "v000001")["status"] == "candidate"
 
 
 def test_tidy_leaves_the_live_candidate_alone(tmp_path, trained_peft):
@@ -515,3 +530,87 @@ def test_dpo_moves_towards_held_out_human_choices(loop):
     h = result.evaluation.get("human_agreement") or {}
     assert result.version and h.get("n", 0) >= 30, result.summary()
     assert h["lo"] > 0.5, result.summary()
+
+
+# -- pruning, a garbled CURRENT, backups ----------------------------------------------------------
+
+
+def fake_versions(adir: Path, rdir: Path, parents: dict[str, str], reward_models: dict[str, str]) -> None:
+    """Version directories with a manifest each (all pruning and statuses read), and reward-model directories."""
+    for version, parent in parents.items():
+        (adir / version).mkdir(parents=True)
+        (adir / version / "manifest.json").write_text(json.dumps({"version": version, "parent": parent, "status": "retired",
+                                                                   "reward_model": reward_models.get(version)}))
+    for r in sorted(set(reward_models.values()) | {"r000009"}):
+        (rdir / r).mkdir(parents=True)
+
+
+def test_a_cycle_ends_by_pruning_old_versions_and_their_reward_models(tmp_path, tiny_args):
+    db = banana_db(tmp_path)
+    adir, rdir = tmp_path / "adapters", tmp_path / "reward"
+    fake_versions(adir, rdir, {"v000001": "base", "v000002": "v000001", "v000003": "base", "v000004": "base"},
+                  {"v000001": "r000001", "v000002": "r000002", "v000003": "r000003", "v000004": "r000004"})
+    adapters.set_current(adir, "v000002")
+    sched = ScheduleArgs(lock_file=str(tmp_path / "trainer.lock"), cycles_log=str(tmp_path / "cycles.jsonl"), min_decisive_pairs=1000, keep=1)
+    result = schedule.run_cycle(tiny_args(), DataArgs(db=str(db)), RewardArgs(reward_dir=str(rdir)), PPOArgs(adapters_dir=str(adir)), sched,
+                                progress=False)
+    assert result.decision == "waiting"  # the cycle's own result; the pruning came after it
+    assert result.pruned == ["v000003", "r000003"]
+    assert adapters.versions(adir) == ["v000001", "v000002", "v000004"]  # newest, CURRENT and its parent
+    assert sorted(p.name for p in rdir.iterdir()) == ["r000001", "r000002", "r000004", "r000009"]  # named by a kept adapter, or the newest
+    assert cycles.read(tmp_path / "cycles.jsonl")[-1]["pruned"] == result.pruned
+
+    result = schedule.run_cycle(tiny_args(), DataArgs(db=str(db)), RewardArgs(reward_dir=str(rdir)), PPOArgs(adapters_dir=str(adir)),
+                                dataclasses.replace(sched, keep=0), progress=False)
+    assert result.pruned == [] and adapters.versions(adir) == ["v000001", "v000002", "v000004"]  # --keep 0: never
+
+
+def test_a_garbled_current_skips_the_cycle_with_the_repair_and_does_not_fail_it(tmp_path, tiny_args, caplog):
+    db = banana_db(tmp_path)
+    adir, rdir = tmp_path / "adapters", tmp_path / "reward"
+    fake_versions(adir, rdir, {"v000001": "base", "v000002": "v000001", "v000003": "base"}, {})
+    (adir / "CURRENT").write_text("v000002/\n")
+    sched = ScheduleArgs(lock_file=str(tmp_path / "trainer.lock"), cycles_log=str(tmp_path / "cycles.jsonl"), keep=1)
+    with caplog.at_level("WARNING", logger="trainer.schedule"):
+        result = schedule.run_cycle(tiny_args(), DataArgs(db=str(db)), RewardArgs(reward_dir=str(rdir)), PPOArgs(adapters_dir=str(adir)),
+                                    sched, progress=False)
+    assert result.decision == "skipped", result.summary()
+    assert "holds 'v000002/'" in result.reasons[0] and "python -m trainer rollback VERSION" in result.reasons[0]
+    assert "tidy: statuses left as they are" in caplog.text and "pruning skipped" in caplog.text
+    assert adapters.versions(adir) == ["v000001", "v000002", "v000003"]  # nothing deleted while what serves is unknown
+    assert cycles.read(tmp_path / "cycles.jsonl")[-1]["decision"] == "skipped"
+
+
+def test_pruning_that_meets_a_pointer_garbled_during_the_cycle_keeps_the_cycles_result(tmp_path, tiny_args, caplog, monkeypatch):
+    db = banana_db(tmp_path)
+    adir, rdir = tmp_path / "adapters", tmp_path / "reward"
+    fake_versions(adir, rdir, {"v000001": "base", "v000002": "base"}, {})
+
+    def garble_then_wait(examples, sched):  # someone writes garbage into CURRENT while the cycle runs
+        (adir / "CURRENT").write_text("garbage\n")
+        return ["waiting for more feedback: test"]
+
+    monkeypatch.setattr(schedule.gate, "signal_reasons", garble_then_wait)
+    sched = ScheduleArgs(lock_file=str(tmp_path / "trainer.lock"), cycles_log=str(tmp_path / "cycles.jsonl"), keep=1)
+    with caplog.at_level("WARNING", logger="trainer.schedule"):
+        result = schedule.run_cycle(tiny_args(), DataArgs(db=str(db)), RewardArgs(reward_dir=str(rdir)), PPOArgs(adapters_dir=str(adir)),
+                                    sched, progress=False)
+    assert result.decision == "waiting" and result.reasons == ["waiting for more feedback: test"]
+    assert "pruning skipped" in caplog.text and "holds 'garbage'" in caplog.text
+    assert adapters.versions(adir) == ["v000001", "v000002"]
+
+
+def test_run_schedule_backs_up_the_feedback_database_when_it_starts_and_then_every_n_hours(tmp_path):
+    from assistant import backup
+
+    db = banana_db(tmp_path)
+    sched = ScheduleArgs(lock_file=str(tmp_path / "trainer.lock"), cycles_log=str(tmp_path / "cycles.jsonl"), every_min=1,
+                         min_new_rows=10**6, backup_every_hours=1, backup_keep=5)  # into backups/ beside the database
+    start = dt.datetime(2026, 1, 2, 12, 0)
+    times = iter([start + dt.timedelta(minutes=m) for m in (0, 0, 30, 59, 60, 90, 125)])  # when it starts, then one per tick
+    ticks = iter(range(6))
+    schedule.run_schedule(None, DataArgs(db=str(db)), RewardArgs(reward_dir=str(tmp_path / "reward")), PPOArgs(adapters_dir=str(tmp_path / "adapters")),
+                          sched, stop=lambda: next(ticks, None) is None, clock=lambda: next(times), sleep=lambda s: None)
+    made = backup.backups(tmp_path / "backups")
+    assert len(made) == 3  # at 12:00, 13:00 and 14:05
+    assert all(backup.integrity(p) == "ok" for p in made)

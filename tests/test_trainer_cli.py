@@ -17,10 +17,12 @@ import re
 import sqlite3
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
+from assistant.config import BASE_VERSION as BASE
 from trainer import reward
 from trainer.__main__ import main
 from tests.tiny import save_tiny_model
@@ -130,6 +132,13 @@ def eval_file(tmp_path_factory) -> Path:
     (["import"], ["file", "--db"]),
     (["reward"], ["--db", "--reward-dir", "--min-pairs", "--reward-lr", "--val-fraction", "--model", "--quantize"]),
     (["reward-eval"], ["file", "--reward", "--limit", "--reward-dir", "--model"]),
+    ([], ["evaluate", "promote", "prune", "backup", "restore"]),
+    (["evaluate"], ["version", "--min-win-rate", "--eval-replies", "--adapters-dir", "--reward-dir", "--lock-file", "--db"]),
+    (["promote"], ["version", "--adapters-dir", "--lock-file", "--model"]),
+    (["prune"], ["--keep", "--dry-run", "--adapters-dir", "--reward-dir", "--lock-file"]),
+    (["backup"], ["--db", "--to", "--keep"]),
+    (["restore"], ["backup", "--db", "--lock-file"]),
+    (["run"], ["--keep", "--backup-every-hours", "--backup-dir", "--backup-keep"]),
 ])
 def test_help_exits_0_and_lists_the_settings(command, expected):
     result = run_cli(*command, "--help")
@@ -532,3 +541,217 @@ def test_rollback_and_status_from_the_shell(served, tmp_path):
     assert rollback.returncode == 0, rollback.stderr
     assert "CURRENT: unreadable -> v000001" in rollback.stdout
     assert "Traceback" not in rollback.stderr
+
+
+# -- start-up and progress ---------------------------------------------------------------
+
+
+def test_starting_the_trainer_prints_no_library_warnings(tmp_path, served):
+    """`status` and a command that imports the model libraries (reward-eval imports peft,
+    which imports bitsandbytes) print nothing on stderr but their own lines."""
+    status = run_cli("status", *status_flags(tmp_path, served))
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+    missing = tmp_path / "nope.jsonl"
+    result = run_cli("reward-eval", str(missing), "--reward-dir", str(tmp_path / "reward"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: {missing}: no such file\n"
+
+
+def test_reward_eval_shows_progress_and_no_library_warnings(fitted, tiny, eval_file):
+    assert fitted["fit"].returncode == 0, fitted["fit"].stderr[-3000:]
+    result = run_cli("reward-eval", str(eval_file), "--reward-dir", str(fitted["reward_dir"]), "--reward-eval-batch-size", "4", *model_flags(tiny))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(rf"reward-eval: 100%.*? {EVAL_PAIRS}/{EVAL_PAIRS} \[\d\d:\d\d<.*pair/s", result.stderr), result.stderr  # pairs done, elapsed
+    for noise in ("Warning", "WARNING", "kernels"):
+        assert noise not in result.stderr, result.stderr
+    assert int(EVAL_RE.search(result.stdout)["n"]) == EVAL_PAIRS
+
+
+# -- evaluate and promote a candidate made by hand -------------------------------------------------
+
+
+# The gate opened (plumbing): these tests are about what evaluate and promote do with
+# the gate's verdict; whether the tiny model learns is not theirs to show.
+GATE_OPEN = ["--min-val-accuracy", "0", "--min-win-rate", "0", "--min-human-agreement", "0", "--kl-budget", "1e6",
+             "--kl-total-budget", "1e6", "--max-degenerate", "1000"]
+EVAL_FLAGS = ["--min-pairs", "8", "--reward-epochs", "2", "--reward-max-length", "64", "--eval-replies", "8", "--eval-max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def banana_db(tmp_path_factory) -> Path:
+    from assistant.feedback import FeedbackStore
+    from trainer.data import import_preferences
+
+    root = tmp_path_factory.mktemp("banana-db")
+    db = root / "feedback.db"
+    with FeedbackStore(db) as store:
+        import_preferences(store, write_jsonl(root / "pairs.jsonl", banana_records(TRAIN_PAIRS, seed=1)), progress=False)
+    return db
+
+
+@pytest.fixture
+def by_hand(tmp_path, banana_db, tiny, capsys):
+    """A feedback store of 40 banana pairs and make(): `python -m trainer train --policy-step dpo`
+    run by hand, returning the candidate's version. Flags: flags(*extra)."""
+    import shutil
+
+    shutil.copy(banana_db, tmp_path / "feedback.db")
+
+    def flags(*extra: str) -> list[str]:
+        return [*model_flags(tiny), "--db", str(tmp_path / "feedback.db"), "--adapters-dir", str(tmp_path / "adapters"),
+                "--reward-dir", str(tmp_path / "reward"), "--lock-file", str(tmp_path / "trainer.lock"), *extra]
+
+    def make(seed: int = 0) -> str:
+        code, out, err = run_main(capsys, "train", *flags("--policy-step", "dpo", "--no-sft-first", "--policy-max-length", "64",
+                                                          "--policy-seed", str(seed)))
+        assert code == 0, err[-3000:]
+        return re.search(r"candidate adapter (v\d{6}) written", out)[1]
+
+    return types.SimpleNamespace(root=tmp_path, adapters=tmp_path / "adapters", flags=flags, make=make, model=model_flags(tiny),
+                                 lock=["--lock-file", str(tmp_path / "trainer.lock")])
+
+
+def test_a_candidate_made_by_hand_is_evaluated_then_promoted(by_hand, capsys):
+    from assistant import adapters
+
+    version = by_hand.make()
+    code, out, err = run_main(capsys, "promote", version, "--adapters-dir", str(by_hand.adapters), *by_hand.lock, *by_hand.model)
+    assert code == 1 and f"{version} has not been evaluated; run `python -m trainer evaluate {version}` first" in err
+    assert adapters.read_current(by_hand.adapters) == BASE
+
+    code, out, err = run_main(capsys, "evaluate", f"{by_hand.adapters}/{version}/", *by_hand.flags(*EVAL_FLAGS, *GATE_OPEN))
+    assert code == 0, err[-3000:]
+    assert f"{version} (dpo) against base, the version serving now: passed the gate" in out
+    assert "judge win rate" in out and f"python -m trainer promote {version}" in out and "may have trained on the judge's fold" in out
+    code, out, _ = run_main(capsys, "status", "--adapters-dir", str(by_hand.adapters), "--db", str(by_hand.root / "feedback.db"), *by_hand.lock,
+                            "--cycles-log", str(by_hand.root / "cycles.jsonl"))
+    assert code == 0 and f"{version}  candidate" in out and "evaluated against base: passed; `promote` serves it" in out
+    manifest = adapters.read_manifest(by_hand.adapters, version)
+    assert manifest["status"] == "candidate"  # evaluating promotes nothing
+    gate = manifest["gate"]
+    assert gate["passed"] and gate["against"] == BASE and gate["reasons"] == [] and gate["judge_model"] == "r000002"
+    assert manifest["evaluation"]["replies"] == 8 and manifest["evaluation"]["human_agreement"]["n"] > 0
+    assert adapters.read_current(by_hand.adapters) == BASE
+
+    code, out, err = run_main(capsys, "promote", f"{version}/", "--adapters-dir", str(by_hand.adapters), *by_hand.lock, *by_hand.model)
+    assert code == 0, err
+    assert f"CURRENT: base -> {version}" in out
+    assert adapters.read_current(by_hand.adapters) == version
+    manifest = adapters.read_manifest(by_hand.adapters, version)
+    assert manifest["status"] == "active" and manifest["history"][-1]["reason"].startswith("judge win rate")
+
+    code, _, err = run_main(capsys, "promote", version, "--adapters-dir", str(by_hand.adapters), *by_hand.lock, *by_hand.model)
+    assert code == 2 and f"{version} is already serving" in err
+
+
+def test_a_candidate_the_gate_refuses_is_rejected_and_cannot_be_promoted(by_hand, capsys):
+    from assistant import adapters
+
+    version = by_hand.make()
+    strict = [f if f != "1e6" else "1e-9" for f in GATE_OPEN]  # no KL at all allowed
+    code, out, err = run_main(capsys, "evaluate", version, *by_hand.flags(*EVAL_FLAGS, *strict))
+    assert code == 1, err[-3000:]
+    assert "refused by the gate (status: rejected)" in out and "- KL to the parent" in out
+    manifest = adapters.read_manifest(by_hand.adapters, version)
+    assert manifest["status"] == "rejected" and not manifest["gate"]["passed"]
+    assert any(r.startswith("KL to the parent") for r in manifest["reasons"])
+
+    code, _, err = run_main(capsys, "promote", version, "--adapters-dir", str(by_hand.adapters), *by_hand.lock, *by_hand.model)
+    assert code == 2 and f"{version} is rejected (KL to the parent" in err
+    assert adapters.read_current(by_hand.adapters) == BASE
+
+
+def test_promote_refuses_an_evaluation_against_a_version_that_no_longer_serves(by_hand, capsys):
+    from assistant import adapters
+
+    first, second = by_hand.make(seed=0), by_hand.make(seed=1)
+    for version in (first, second):
+        code, _, err = run_main(capsys, "evaluate", version, *by_hand.flags(*EVAL_FLAGS, *GATE_OPEN))
+        assert code == 0, err[-3000:]
+    promote = ["--adapters-dir", str(by_hand.adapters), *by_hand.lock, *by_hand.model]
+    assert run_main(capsys, "promote", second, *promote)[0] == 0
+
+    code, out, err = run_main(capsys, "promote", first, *promote)
+    assert code == 1 and out == ""
+    assert (f"not promoted: CURRENT moved since {first} was evaluated: it passed against base, but {second} serves now; "
+            f"re-run `python -m trainer evaluate {first}`") in err
+    assert adapters.read_current(by_hand.adapters) == second
+
+    code, out, err = run_main(capsys, "evaluate", first, *by_hand.flags(*EVAL_FLAGS, *GATE_OPEN))  # against the version serving now
+    assert code == 0 and f"{first} (dpo) against {second}, the version serving now: passed" in out, err[-3000:]
+    assert run_main(capsys, "promote", first, *promote)[0] == 0
+    assert adapters.read_current(by_hand.adapters) == first
+    assert adapters.read_manifest(by_hand.adapters, second)["status"] == "retired"
+
+
+def test_evaluate_refuses_what_is_not_a_candidate_and_waits_for_a_running_cycle(served, tmp_path, tiny, capsys):
+    from assistant import adapters, cycles
+
+    flags = [*model_flags(tiny), "--adapters-dir", str(served), "--lock-file", str(tmp_path / "trainer.lock"), "--db", str(tmp_path / "feedback.db")]
+    for arg, why in (("base", "the base model is not a candidate"), ("v000009", "no adapter v000009 under"),
+                     ("v000002", "v000002 is already serving"), ("v000001", "v000001 is retired; only a candidate"), ("latest", "is not a version")):
+        code, out, err = run_main(capsys, "evaluate", arg, *flags)
+        assert code == 2 and why in err and out == "", (arg, err)
+    v3 = "v000003"
+    (served / v3).mkdir()
+    (served / v3 / "manifest.json").write_text(json.dumps({"version": v3, "status": "candidate", "parent": "v000002"}))
+    adapters.set_live(served, v3)
+    code, _, err = run_main(capsys, "evaluate", v3, *flags)
+    assert code == 2 and "v000003 is in live comparison" in err
+    adapters.set_live(served, None)
+    with cycles.CycleLock(tmp_path / "trainer.lock"):
+        code, _, err = run_main(capsys, "evaluate", v3, *flags)
+    assert code == 3 and "not started: another cycle is running" in err
+    code, _, err = run_main(capsys, "evaluate", v3, *flags)  # no feedback database: nothing to judge with
+    assert code == 1, err
+    assert adapters.read_manifest(served, v3)["gate"]["reasons"] == [f"no feedback database at {tmp_path / 'feedback.db'}"]
+    assert adapters.read_manifest(served, v3)["status"] == "candidate"
+
+
+# -- prune ----------------------------------------------------------------------------------
+
+
+def test_prune_deletes_old_versions_but_what_serves_its_ancestors_and_their_reward_models(served, tmp_path, capsys):
+    from assistant import adapters
+
+    rdir = tmp_path / "reward"
+    for r in ("r000001", "r000002", "r000003", "r000004"):
+        (rdir / r).mkdir(parents=True)
+        (rdir / r / "manifest.json").write_text(json.dumps({"version": r}))
+    adapters.update_manifest(served, "v000001", reward_model="r000001")
+    adapters.update_manifest(served, "v000002", reward_model="r000003", judge_model="r000002")
+    for v in ("v000003", "v000004"):  # rejected children of the served version
+        (served / v).mkdir()
+        (served / v / "manifest.json").write_text(json.dumps({"version": v, "status": "rejected", "parent": "v000002", "reward_model": "r000004"}))
+    prune = ["prune", "--keep", "1", "--adapters-dir", str(served), "--reward-dir", str(rdir), "--lock-file", str(tmp_path / "trainer.lock")]
+
+    code, out, _ = run_main(capsys, *prune, "--dry-run")
+    assert code == 0 and "would delete adapters: v000003; reward models: none" in out
+    assert adapters.versions(served) == ["v000001", "v000002", "v000003", "v000004"]
+    code, out, _ = run_main(capsys, *prune)
+    assert code == 0 and "deleted adapters: v000003; reward models: none (--keep 1)" in out
+    assert adapters.versions(served) == ["v000001", "v000002", "v000004"]
+    assert sorted(p.name for p in rdir.iterdir()) == ["r000001", "r000002", "r000003", "r000004"]  # each named by a kept adapter
+
+    (served / "v000004" / "manifest.json").write_text(json.dumps({"version": "v000004", "status": "rejected", "parent": "v000002"}))
+    (rdir / "r000005").mkdir()
+    code, out, _ = run_main(capsys, *prune)
+    assert code == 0 and "deleted adapters: none; reward models: r000004" in out
+    code, out, err = run_main(capsys, "status", *status_flags(tmp_path, served))
+    assert code == 0 and "v000002  active" in out and "v000001  retired" in out and "v000003" not in out, err
+    code, out, _ = run_main(capsys, *prune)
+    assert code == 0 and out.startswith("nothing to prune")
+    assert run_main(capsys, "rollback", "--adapters-dir", str(served))[0] == 0  # the parent is still there
+
+
+def test_prune_on_a_garbled_current_deletes_nothing_and_says_how_to_repair_it(served, tmp_path, capsys):
+    from assistant import adapters
+
+    (served / "CURRENT").write_text("garbage\n")
+    code, out, err = run_main(capsys, "prune", "--keep", "1", "--adapters-dir", str(served), "--reward-dir", str(tmp_path / "reward"),
+                              "--lock-file", str(tmp_path / "trainer.lock"))
+    assert code == 2 and out == ""
+    assert err.startswith("error: nothing pruned: ") and "holds 'garbage'" in err and "rollback VERSION" in err
+    assert adapters.versions(served) == ["v000001", "v000002"]
+    code, _, err = run_main(capsys, "prune", "--keep", "0", "--adapters-dir", str(served))
+    assert code == 2 and "--keep must be at least 1" in err

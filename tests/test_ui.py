@@ -589,3 +589,23 @@ def test_an_unchanged_edit_of_a_safe_shown_reply_stores_no_correction(scripted):
     chatbot, *_ = run(ui.send_in_mode(deps, session, "2+2?", "", 0.7, 1.0, 16, "chat"))
     ui.on_edit(deps, session, types.SimpleNamespace(index=1, value=chatbot[1]["content"], previous_value=""))
     assert deps.store.counts()["corrections"] == 0 and session.turns[1].content == INJECTED
+
+
+# -- the client's address reaches the rate limits ------------------------------------------------
+
+
+def test_wired_handlers_get_the_client_address_for_the_rate_limits(deps):
+    import inspect
+
+    from assistant.limits import Limits
+
+    deps.limits = Limits(messages_per_minute=1, feedback_per_minute=0)
+    demo = ui.build_demo(deps)
+    send = next(f for f in demo.fns.values() if f.api_name == "send")
+    assert list(inspect.signature(send.fn).parameters)[-1] == "request"  # Gradio hands it the request
+    request = types.SimpleNamespace(client=types.SimpleNamespace(host="203.0.113.5"))
+    first = run(send.fn(named(deps, "ada"), "hi", "", 0.0, 1.0, 4, False, request))
+    assert "Too many" not in first[-1]
+    with pytest.warns(UserWarning, match="Too many messages"):
+        *_, status = run(send.fn(named(deps, "bob"), "hi", "", 0.0, 1.0, 4, False, request))  # someone else, the same address
+    assert status.startswith("Too many messages") and deps.store.counts()["replies"] == 1

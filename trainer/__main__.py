@@ -8,7 +8,12 @@
     python -m trainer sft [--demonstrations F]   # SFT on corrections, 👍 replies and a demonstrations file -> a candidate
     python -m trainer once                       # one whole cycle: reward model, PPO, evaluate, promote or reject
     python -m trainer run                        # cycles on a schedule (every N minutes with K new rows, and/or daily)
+    python -m trainer evaluate VERSION           # a candidate made by hand through the cycle's gate, against the served version
+    python -m trainer promote VERSION            # serve a candidate whose evaluation passed against the version serving now
     python -m trainer rollback [VERSION]         # serve an earlier version again (default: the served one's parent)
+    python -m trainer prune [--keep N]           # delete old adapter and reward-model versions (never what serves or its ancestors)
+    python -m trainer backup [--to DIR]          # copy the feedback database, safely while the app writes to it
+    python -m trainer restore BACKUP             # put a backup back (the app stopped; the replaced file is kept)
     python -m trainer status                     # versions, what is serving, whether a cycle is running
     python -m trainer <command> --help           # every setting of that command
 
@@ -75,13 +80,21 @@ def _locked_step(ns: argparse.Namespace, run):
     """run() under the cycle lock -> (its result, None), or (None, exit code) with the
     reason printed: 3 another cycle holds the lock, 2 bad input or settings (a loss
     that diverges names the flag to change), 1 PPO aborted on a non-finite value."""
+    def locked():
+        with _manual_lock(ns):
+            return run()
+
+    return _guarded(locked)
+
+
+def _guarded(run):
+    """run() -> (its result, None), or (None, exit code) with the reason printed, as `_locked_step`."""
     from assistant.feedback import StoreUnavailable
 
     from trainer.ppo import NonFiniteError
 
     try:
-        with _manual_lock(ns):
-            return run(), None
+        return run(), None
     except Busy as exc:
         print(f"not started: {exc}", file=sys.stderr)
         return None, 3
@@ -116,6 +129,8 @@ def cmd_reward(ns: argparse.Namespace) -> int:
 
 
 def cmd_reward_eval(ns: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from trainer import reward
     from trainer.data import Pair, read_preference_file, to_prompt
 
@@ -139,9 +154,16 @@ def cmd_reward_eval(ns: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pairs = [Pair(to_prompt(p), c, r, conversation_id=f"line{i}", kind="import") for i, (p, c, r) in enumerate(rows)]
-    result = reward.evaluate_pairs(rm, pairs, batch_size=ns.reward_args.reward_eval_batch_size)
-    print(f"{path.name} with reward model {version}: pairwise accuracy {result['accuracy']:.3f} "
-          f"(95% CI {result['lo']:.3f}-{result['hi']:.3f}), {result['n']} pairs scored, {len(errors)} bad lines skipped")
+    batch = ns.reward_args.reward_eval_batch_size
+    correct = 0
+    with tqdm(total=len(pairs), desc="reward-eval", unit="pair") as bar:  # on stderr, like the other commands' bars: pairs done, elapsed, ETA
+        for start in range(0, len(pairs), batch):
+            part = reward.evaluate_pairs(rm, pairs[start : start + batch], batch_size=batch)
+            correct += round(part["accuracy"] * part["n"])
+            bar.update(part["n"])
+    acc, lo, hi = reward.accuracy_ci(correct, len(pairs))
+    print(f"{path.name} with reward model {version}: pairwise accuracy {acc:.3f} "
+          f"(95% CI {lo:.3f}-{hi:.3f}), {len(pairs)} pairs scored, {len(errors)} bad lines skipped")
     return 0
 
 
@@ -239,6 +261,145 @@ def cmd_rollback(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _candidate_arg(command: str, text: str, adapters_dir: str) -> str | None:
+    """The version a candidate argument names, or None with the reason printed."""
+    from assistant.config import BASE_VERSION
+
+    try:
+        version = version_arg(text, adapters_dir)
+    except ValueError as exc:
+        print(f"error: {command} VERSION: {exc}", file=sys.stderr)
+        return None
+    if version == BASE_VERSION:
+        print(f"error: {command} VERSION: the base model is not a candidate; give a version like v000003", file=sys.stderr)
+        return None
+    return version
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from assistant import adapters
+    from trainer import schedule
+
+    version = _candidate_arg("evaluate", ns.version, ns.ppo_args.adapters_dir)
+    if version is None:
+        return 2
+    result, rc = _guarded(lambda: schedule.evaluate_version(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, ns.schedule_args, version))
+    if result is None:
+        return rc
+    verdict = {"passed": "passed the gate", "rejected": "refused by the gate (status: rejected)"}.get(
+        result.decision, f"not judged ({result.decision}); it stays a candidate")
+    print(f"{version} ({result.policy_step or '?'}) against {result.parent}, the version serving now: {verdict}")
+    if result.judge_version:
+        print(f"  judge {result.judge_version} (fold B), policy's reward model {result.reward_version} (fold A), "
+              f"feedback ids {json.dumps(result.feedback_ids)}")
+    if result.evaluation.get("win_rate") is not None:
+        print(f"  {schedule.describe(result.evaluation)}")
+    for reason in result.reasons:
+        print(f"  - {reason}")
+    if result.judge_version and "judge_model" not in adapters.read_manifest(ns.ppo_args.adapters_dir, version):
+        print("  note: unlike a cycle's candidate, one made by hand may have trained on the judge's fold (B) and on the held-out "
+              "prompts too, which makes the judge's verdict and the held-out agreement weaker evidence")
+    if result.decision == "passed":
+        print(f"  promote it with: python -m trainer promote {version}")
+    print(f"  recorded in {Path(ns.ppo_args.adapters_dir) / version / 'manifest.json'} (gate, evaluation) [{result.seconds:.0f}s]")
+    return 0 if result.decision == "passed" else 1
+
+
+class _Refused(Exception):
+    """promote: the recorded evaluation does not allow it."""
+
+
+def cmd_promote(ns: argparse.Namespace) -> int:
+    from assistant import adapters
+    from assistant.model import lora_config
+    from trainer import schedule
+
+    version = _candidate_arg("promote", ns.version, ns.adapters_dir)
+    if version is None:
+        return 2
+    again = f"`python -m trainer evaluate {version}`"
+
+    def promote():
+        manifest = schedule.check_candidate(ns.adapters_dir, version)
+        verdict = manifest.get("gate") or {}
+        current = adapters.read_current(ns.adapters_dir)
+        if not verdict:
+            raise _Refused(f"{version} has not been evaluated; run {again} first")
+        if not verdict.get("passed"):
+            raise _Refused(f"{version}'s evaluation against {verdict.get('against')} did not pass: {'; '.join(verdict.get('reasons') or ['no reason recorded'])}")
+        if verdict.get("against") != current:
+            raise _Refused(f"CURRENT moved since {version} was evaluated: it passed against {verdict.get('against')}, "
+                           f"but {current} serves now; re-run {again}")
+        adapters.validate(Path(ns.adapters_dir) / version, lora_config(ns.model_args))
+        return schedule.promote_evaluated(ns.adapters_dir, version, manifest["evaluation"], verdict["against"])
+
+    try:
+        old, rc = _locked_step(ns, promote)
+    except _Refused as exc:
+        print(f"not promoted: {exc}", file=sys.stderr)
+        return 1
+    if rc is not None:
+        return rc
+    print(f"CURRENT: {old} -> {version}; a running server swaps within its --watch-interval")
+    return 0
+
+
+def cmd_prune(ns: argparse.Namespace) -> int:
+    from trainer import schedule
+
+    if ns.keep < 1:
+        ns.subparser.error(f"--keep must be at least 1, got {ns.keep}")
+    def prune():
+        from assistant.adapters import InvalidAdapter
+
+        try:
+            return schedule.prune(ns.adapters_dir, ns.reward_dir, ns.keep, dry_run=ns.dry_run)
+        except InvalidAdapter as exc:
+            raise ValueError(f"nothing pruned: {exc}; `python -m trainer status` shows what is wrong, "
+                             "`python -m trainer rollback VERSION` repairs CURRENT") from exc
+
+    out, rc = _locked_step(ns, prune)
+    if out is None:
+        return rc
+    if not out["adapters"] and not out["reward"]:
+        print(f"nothing to prune (--keep {ns.keep}; what serves, the live candidate, their ancestors and the reward models they name are always kept)")
+        return 0
+    verb = "would delete" if ns.dry_run else "deleted"
+    print(f"{verb} adapters: {', '.join(out['adapters']) or 'none'}; reward models: {', '.join(out['reward']) or 'none'} (--keep {ns.keep})")
+    return 0
+
+
+def cmd_backup(ns: argparse.Namespace) -> int:
+    from assistant import backup
+
+    if ns.keep < 1:
+        ns.subparser.error(f"--keep must be at least 1, got {ns.keep}")
+    try:
+        path, removed = backup.backup(ns.db, ns.to, ns.keep)
+    except (backup.BackupError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"backed up {ns.db} to {path} ({path.stat().st_size} bytes, integrity ok)"
+          + (f"; deleted {len(removed)} older backup{'s' if len(removed) != 1 else ''} (--keep {ns.keep})" if removed else ""))
+    return 0
+
+
+def cmd_restore(ns: argparse.Namespace) -> int:
+    from assistant import backup
+
+    try:
+        with _manual_lock(ns):
+            kept = backup.restore(ns.backup, ns.db)
+    except Busy as exc:
+        print(f"not started: {exc}", file=sys.stderr)
+        return 3
+    except (backup.BackupError, OSError) as exc:
+        print(f"error: {exc}; nothing was changed", file=sys.stderr)
+        return 2
+    print(f"restored {ns.db} from {ns.backup}" + (f"; the database it replaced is kept as {kept}" if kept else ""))
+    return 0
+
+
 def _pointer(read, adapters_dir: str) -> tuple[str | None, str]:
     """(the version a pointer file names or None, what is wrong with it or '')."""
     from assistant.adapters import InvalidAdapter
@@ -271,8 +432,11 @@ def cmd_status(ns: argparse.Namespace) -> int:
         e = m.get("evaluation") or {}
         detail = (f"win rate {e['win_rate']:.2f} [{e['win_rate_lo']:.2f}, {e['win_rate_hi']:.2f}], KL {e['kl_parent']:.2f} to parent, {e['kl_base']:.2f} to base"
                   if all(isinstance(e.get(k), (int, float)) for k in ("win_rate", "win_rate_lo", "win_rate_hi", "kl_parent", "kl_base")) else "")
+        g = m.get("gate") if isinstance(m.get("gate"), dict) and m.get("status") == "candidate" else None
+        verdict = ("" if g is None else f"  evaluated against {g.get('against')}: " + ("passed; `promote` serves it" if g.get("passed") else
+                   f"not passed: {'; '.join(g.get('reasons') or [])}"))
         print(f"  {m['version']}  {m.get('status') or '?':<9}  parent {m.get('parent') or '?':<8}  reward {m.get('reward_model') or '?':<8}  {m.get('created_at', '')}  {detail}"
-              + (f"  rejected: {'; '.join(m['reasons'])}" if m.get("status") == "rejected" and m.get("reasons") else ""))
+              + (f"  rejected: {'; '.join(m['reasons'])}" if m.get("status") == "rejected" and m.get("reasons") else "") + verdict)
     return 0
 
 
@@ -323,6 +487,42 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(p, PolicyArgs, "policy step")
         add_args(p, ScheduleArgs, "schedule and promotion gate")
         p.set_defaults(func=func, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs, PolicyArgs, ScheduleArgs), subparser=p)
+
+    p = sub.add_parser("evaluate", help="judge a candidate made by hand with the cycle's gate, against the version serving now")
+    p.add_argument("version", help="candidate to evaluate: e.g. v000003 (or its directory, data/adapters/v000003/)")
+    add_args(p, ModelArgs, "base model")
+    add_args(p, DataArgs, "data")
+    add_args(p, RewardArgs, "reward models (the cycle's two, fitted on its folds)")
+    add_args(p, PPOArgs, "adapters and sampling")
+    add_args(p, ScheduleArgs, "the gate")
+    p.set_defaults(func=cmd_evaluate, needs=(ModelArgs, DataArgs, RewardArgs, PPOArgs, ScheduleArgs), subparser=p)
+
+    p = sub.add_parser("promote", help="serve a candidate whose recorded evaluation passed against the version serving now")
+    p.add_argument("version", help="candidate to promote: e.g. v000003 (or its directory, data/adapters/v000003/)")
+    p.add_argument("--adapters-dir", default=PPOArgs.adapters_dir, help=f"adapter directory (default: {PPOArgs.adapters_dir})")
+    p.add_argument("--lock-file", default=ScheduleArgs.lock_file, help=f"the cycle lock, held while promoting (default: {ScheduleArgs.lock_file})")
+    add_args(p, ModelArgs, "base model (to validate the adapter against)")
+    p.set_defaults(func=cmd_promote, needs=(ModelArgs,), subparser=p)
+
+    p = sub.add_parser("prune", help="delete old adapter and reward-model versions (never what serves, the live one, or their ancestors)")
+    p.add_argument("--keep", type=int, default=ScheduleArgs.keep, help=f"newest versions of each kind to keep besides those in use (default: {ScheduleArgs.keep})")
+    p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    p.add_argument("--adapters-dir", default=PPOArgs.adapters_dir, help=f"adapter directory (default: {PPOArgs.adapters_dir})")
+    p.add_argument("--reward-dir", default=RewardArgs.reward_dir, help=f"reward-model directory (default: {RewardArgs.reward_dir})")
+    p.add_argument("--lock-file", default=ScheduleArgs.lock_file, help=f"the cycle lock, held while pruning (default: {ScheduleArgs.lock_file})")
+    p.set_defaults(func=cmd_prune, subparser=p)
+
+    p = sub.add_parser("backup", help="copy the feedback database (safe while the app writes to it), keeping the newest N copies")
+    p.add_argument("--db", default=DataArgs.db, help=f"feedback database (default: {DataArgs.db})")
+    p.add_argument("--to", default="", help="directory of backups (default: backups/ beside --db, e.g. data/backups)")
+    p.add_argument("--keep", type=int, default=ScheduleArgs.backup_keep, help=f"backups to keep (default: {ScheduleArgs.backup_keep})")
+    p.set_defaults(func=cmd_backup, subparser=p)
+
+    p = sub.add_parser("restore", help="replace the feedback database with a backup (stop the app first; the replaced file is kept)")
+    p.add_argument("backup", help="backup file, e.g. data/backups/feedback-20260102T030000.000000Z.db")
+    p.add_argument("--db", default=DataArgs.db, help=f"feedback database to replace (default: {DataArgs.db})")
+    p.add_argument("--lock-file", default=ScheduleArgs.lock_file, help=f"the cycle lock, held while restoring (default: {ScheduleArgs.lock_file})")
+    p.set_defaults(func=cmd_restore, subparser=p)
 
     p = sub.add_parser("rollback", help="point CURRENT at an earlier version (default: the served version's parent)")
     p.add_argument("version", nargs="?", default=None, help="version to serve again: e.g. v000003 (or its directory, data/adapters/v000003/), or 'base'")

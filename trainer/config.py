@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from assistant.annotators import DEFAULT_FLOOR
 from assistant.config import ServeArgs
 
 POLICY_STEPS = ("ppo", "dpo", "kto", "sft", "grpo", "rloo")
@@ -26,10 +27,13 @@ class DataArgs:
     db: str = _f("data/feedback.db", "SQLite feedback store to read")
     val_fraction: float = _f(0.2, "share of conversations held out for validation (split by conversation id, deterministic)")
     split_seed: str = _f("split-v1", "salt of the deterministic train/validation split")
+    annotator_floor: float = _f(DEFAULT_FLOOR, "leave out the feedback of people whose reliability weight (from gold items and repeats, 0..1; a newcomer has 0.5) is below this; see assistant/annotators.py")
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.annotator_floor <= 1.0:
+            raise ValueError(f"--annotator-floor must be a weight in [0, 1], got {self.annotator_floor}")
 
 
 @dataclass
@@ -173,6 +177,10 @@ class ScheduleArgs:
     live_min_votes: int = _f(10, "live comparison: fewest counted votes (one per user and prompt) before the sequential rule may decide")
     live_confidence: float = _f(0.95, "live comparison: promote when P(win rate > 0.5) under a Beta(1+wins, 1+losses) posterior reaches this, reject when P(win rate < 0.5) does")
     live_max_hours: float = _f(48.0, "live comparison: a candidate still undecided this long after going live is withdrawn")
+    keep: int = _f(10, "after each cycle, delete adapter and reward-model versions beyond the newest N (never the served or live one, their ancestors, or the reward models kept adapters name); 0 = keep all")
+    backup_every_hours: float = _f(24.0, "`run`: back up the feedback database (--db) every N hours, first when the schedule starts (0 = never)")
+    backup_dir: str = _f("", "`run`: where backups of the feedback database are written (default: backups/ beside --db, e.g. data/backups)")
+    backup_keep: int = _f(7, "`run`: backups of the feedback database kept (the oldest beyond this are deleted)")
 
     def validate(self) -> None:
         if self.every_min < 0:
@@ -202,3 +210,9 @@ class ScheduleArgs:
             raise ValueError(f"--live-confidence must be in (0.5, 1), got {self.live_confidence}")
         if self.live_max_hours <= 0:
             raise ValueError(f"--live-max-hours must be positive, got {self.live_max_hours}")
+        if self.keep < 0:
+            raise ValueError(f"--keep must be >= 0 (0 keeps every version), got {self.keep}")
+        if self.backup_every_hours < 0:
+            raise ValueError(f"--backup-every-hours must be >= 0 (0 = never), got {self.backup_every_hours}")
+        if self.backup_keep < 1:
+            raise ValueError(f"--backup-keep must be at least 1, got {self.backup_keep}")

@@ -8,7 +8,8 @@ What it does:
 - `split(examples, val_fraction, seed)` splits deterministically by conversation:
   no conversation, and no prompt, ends up on both sides.
 - `import_preferences(store, path)` reads a preference data set (HH-RLHF or TRL
-  JSONL) into the store as comparisons, once, however often it is run.
+  JSONL, parsed by assistant/feedback/preferences.py) into the store as comparisons,
+  once, however often it is run.
 
 What it does not do: tokenise or train (trainer/reward.py). The one write is
 `import_preferences`, through `FeedbackStore.import_pair`; everything else only reads.
@@ -29,10 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
@@ -40,7 +39,9 @@ from assistant.feedback.pairs import (
     COUNT_KINDS, FEEDBACK_TABLES, Examples, Pair, Pointwise, Snapshot, build_examples, prompt_messages,
     read_snapshot, snapshot_in, to_prompt,
 )
-from assistant.feedback.schema import ROLES
+from assistant.feedback.preferences import BadRecord as _BadRecord
+from assistant.feedback.preferences import parse_record as _parse_record
+from assistant.feedback.preferences import read_preference_file
 from assistant.feedback.store import FeedbackError, FeedbackStore
 
 __all__ = [
@@ -116,99 +117,6 @@ class ImportReport:
     added: int = 0  # pairs stored
     skipped: int = 0  # pairs already in the store (imported before, or twice in the file)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (line number, what is wrong); nothing stored
-
-
-class _BadRecord(ValueError):
-    """A line that is valid JSON but not a preference pair."""
-
-
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def _hh_dialogue(text: str, what: str) -> list[dict]:
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' → [{role, content}, ...], contents stripped."""
-    parts = _HH_TURN.split(text)
-    if parts[0].strip() or len(parts) < 3:
-        raise _BadRecord(f"{what} is not an HH-RLHF dialogue (expected it to start with '\\n\\nHuman:')")
-    return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
-
-
-def _messages(value: Any, what: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise _BadRecord(f"{what} must be a string or a non-empty list of {{role, content}} messages")
-    for i, m in enumerate(value):
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise _BadRecord(f"{what}[{i}] is not a message with role ({'/'.join(ROLES)}) and string content")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def _split_last_reply(dialogue: list[dict], what: str) -> tuple[list[dict], str]:
-    if dialogue[-1]["role"] != "assistant":
-        raise _BadRecord(f"{what} does not end with an assistant turn")
-    return dialogue[:-1], dialogue[-1]["content"]
-
-
-def _completion(value: Any, what: str) -> str:
-    """TRL's chosen/rejected next to an explicit prompt: a string, or one assistant message."""
-    if isinstance(value, str):
-        return value
-    messages = _messages(value, what)
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise _BadRecord(f"{what} must be a string or a list holding one assistant message")
-    return messages[0]["content"]
-
-
-def _parse_record(record: Any) -> tuple[list[dict], str, str]:
-    """One JSONL record in HH-RLHF or TRL preference form → (prompt messages, chosen, rejected)."""
-    if not isinstance(record, dict):
-        raise _BadRecord(f"expected a JSON object, got {type(record).__name__}")
-    for key in ("chosen", "rejected"):
-        if key not in record:
-            raise _BadRecord(f"missing key {key!r}")
-    chosen, rejected = record["chosen"], record["rejected"]
-    if "prompt" in record:  # TRL, explicit prompt
-        prompt = record["prompt"]
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise _BadRecord("prompt is empty")
-            prompt = [{"role": "user", "content": prompt}]
-        else:
-            prompt = _messages(prompt, "prompt")
-        chosen, rejected = _completion(chosen, "chosen"), _completion(rejected, "rejected")
-    elif isinstance(chosen, str) and isinstance(rejected, str):  # HH-RLHF
-        prompt, chosen = _split_last_reply(_hh_dialogue(chosen, "chosen"), "chosen")
-        rejected_prompt, rejected = _split_last_reply(_hh_dialogue(rejected, "rejected"), "rejected")
-        if prompt != rejected_prompt:
-            raise _BadRecord("the chosen and rejected dialogues differ before their last assistant turn")
-    else:  # TRL, implicit prompt: two whole conversations sharing all but the last turn
-        prompt, chosen = _split_last_reply(_messages(chosen, "chosen"), "chosen")
-        rejected_prompt, rejected = _split_last_reply(_messages(rejected, "rejected"), "rejected")
-        if prompt != rejected_prompt:
-            raise _BadRecord("the chosen and rejected conversations differ before their last assistant turn")
-    if not prompt:
-        raise _BadRecord("there is no prompt before the replies")
-    for what, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
-            raise _BadRecord(f"{what} reply is empty")
-    return prompt, chosen, rejected
-
-
-def read_preference_file(path: str | os.PathLike) -> tuple[list[tuple[list[dict], str, str]], list[tuple[int, str]]]:
-    """Parse a JSONL preference file (HH-RLHF or TRL, as `import_preferences` reads it)
-    without storing it: returns ([(prompt messages, chosen, rejected)...], [(line, error)...])."""
-    pairs, errors = [], []
-    with Path(path).open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                pairs.append(_parse_record(json.loads(raw)))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                errors.append((line_no, f"not valid JSON: {e}"))
-            except _BadRecord as e:
-                errors.append((line_no, str(e)))
-    return pairs, errors
 
 
 def import_preferences(store: FeedbackStore, path: str | os.PathLike, *, progress: bool = True) -> ImportReport:

@@ -17,6 +17,14 @@ trainable, and TRL adds a frozen copy named "ref" as the reference policy, so KL
 the DPO/KTO log-ratios are measured against the parent, not the base. The base
 weights stay frozen. The result is saved like a PPO adapter (same LoRA config, same
 validator, same hot-swap) with the step that made it in the manifest.
+
+Annotator weights (assistant/annotators.py): TRL 1.16's DPOTrainer and KTOTrainer take
+no per-example weight (DPO's `use_weighting` is WPO's weighting by the policy's own
+probabilities; KTO's desirable/undesirable weights are per class), so these steps use
+the weights only as far as the data allows: the feedback of people below the
+annotator floor is already left out by `build_examples`, examples whose weight is 0
+are dropped here, and every other row counts the same. The reward model (and so PPO,
+GRPO and RLOO through it) weighs every pair by its judges' reliability.
 """
 
 from __future__ import annotations
@@ -98,13 +106,15 @@ def sft_rows(examples: Examples, demonstrations: list[dict] | None = None) -> li
 
 
 def dpo_rows(examples: Examples) -> list[dict]:
+    """One row per pair of weight > 0 (TRL's DPO takes no weight per row; see the module docstring)."""
     return [{"prompt": prompt_messages(p.prompt), "chosen": _assistant(p.chosen), "rejected": _assistant(p.rejected)}
-            for p in examples.pairs]
+            for p in examples.pairs if p.weight > 0]
 
 
 def kto_rows(examples: Examples) -> list[dict]:
     """Thumbs as they are, plus both sides of every pair (chosen desirable, rejected not);
-    a (prompt, reply) judged both ways keeps its first label."""
+    a (prompt, reply) judged both ways keeps its first label. Examples of weight 0 give
+    no row (TRL's KTO takes no weight per row; see the module docstring)."""
     seen, rows = set(), []
 
     def add(prompt: tuple, text: str, label: bool) -> None:
@@ -113,10 +123,12 @@ def kto_rows(examples: Examples) -> list[dict]:
             rows.append({"prompt": prompt_messages(prompt), "completion": _assistant(text), "label": label})
 
     for x in examples.pointwise:
-        add(x.prompt, x.completion, x.label == 1)
+        if x.weight > 0:
+            add(x.prompt, x.completion, x.label == 1)
     for p in examples.pairs:
-        add(p.prompt, p.chosen, True)
-        add(p.prompt, p.rejected, False)
+        if p.weight > 0:
+            add(p.prompt, p.chosen, True)
+            add(p.prompt, p.rejected, False)
     return rows
 
 

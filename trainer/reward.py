@@ -12,6 +12,12 @@ fitted with the Bradley-Terry loss on preference pairs plus a logistic loss on
 pointwise (thumbs) labels; after fitting, scores are normalised to mean 0 and std 1
 over the training replies, so PPO sees the same scale from one refit to the next.
 
+Each example's loss is weighed by its `weight`: the reliability of the people who
+judged it and how far they agree (assistant/annotators.py, pairs.build_examples;
+imported pairs weigh 1). Weights are rescaled to mean 1 over the examples fitted on,
+so they shift the fit towards reliable judges without changing the learning rate's
+scale: when everyone weighs the same, the fit is the unweighted one.
+
 On disk, one directory per fit, numbered like adapters:
 
     data/reward/r000001/
@@ -94,10 +100,24 @@ def pointwise_loss(rewards: torch.Tensor, labels: torch.Tensor, weights: torch.T
 
 
 def agreement(example: Pair | Pointwise) -> float:
-    """Example weight: support / (support + against), the share of judgements that
-    agree with it. 1 for a unanimous judgement, 0.75 for three-to-one, 0.5 for a tie."""
+    """support / (support + against), the share of judgements that agree with an
+    example: 1 for a unanimous judgement, 0.75 for three-to-one, 0.5 for a tie. It is
+    the `weight` build_examples gives when every judge weighs 1."""
     total = example.support + example.against
     return example.support / total if total > 0 else 1.0
+
+
+def relative_weights(examples: list[Pair | Pointwise]) -> list[float]:
+    """The examples' `weight`s rescaled to mean 1, so a weighted mean of losses stays on
+    the unweighted scale; equal weights give 1 each. All zero stays all zero."""
+    raw = [float(x.weight) for x in examples]
+    bad = [w for w in raw if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise ValueError(f"example weights must be finite and >= 0, got {bad[0]!r}")
+    total = sum(raw)
+    if total == 0:
+        return raw
+    return [w * len(raw) / total for w in raw]
 
 
 accuracy_ci = wilson  # (accuracy, lo, hi): the accuracy and its 95% Wilson interval; n = 0 gives (nan, 0, 1)
@@ -228,11 +248,11 @@ def _pair_scores(rm: RewardModel, pairs: list[Pair], batch_size: int) -> tuple[t
 
 def evaluate_pairs(reward_model: RewardModel, pairs: list[Pair], batch_size: int = 16) -> dict:
     """Pairwise accuracy (r_chosen > r_rejected) with its 95% Wilson interval, and the
-    agreement-weighted Bradley-Terry loss, on raw scores. No pairs → accuracy and loss None."""
+    weighted Bradley-Terry loss (`relative_weights`), on raw scores. No pairs → accuracy and loss None."""
     if not pairs:
         return {"accuracy": None, "lo": 0.0, "hi": 1.0, "n": 0, "loss": None}
     rewards_chosen, rewards_rejected = _pair_scores(reward_model, pairs, batch_size)
-    weights = torch.tensor([agreement(p) for p in pairs])
+    weights = torch.tensor(relative_weights(pairs))
     correct = int((rewards_chosen > rewards_rejected).sum())
     acc, lo, hi = accuracy_ci(correct, len(pairs))
     loss = pairwise_loss(rewards_chosen, rewards_rejected, weights)
@@ -240,12 +260,12 @@ def evaluate_pairs(reward_model: RewardModel, pairs: list[Pair], batch_size: int
 
 
 def evaluate_pointwise(reward_model: RewardModel, items: list[Pointwise], batch_size: int = 16) -> dict:
-    """Accuracy of sign(r) against the labels and the agreement-weighted logistic loss, on raw scores."""
+    """Accuracy of sign(r) against the labels and the weighted logistic loss (`relative_weights`), on raw scores."""
     if not items:
         return {"accuracy": None, "n": 0, "loss": None}
     rewards = reward_model.score_ids([reward_model.encode(prompt_messages(x.prompt), x.completion) for x in items], batch_size)  # (N,)
     labels = torch.tensor([float(x.label) for x in items])  # (N,)
-    weights = torch.tensor([agreement(x) for x in items])
+    weights = torch.tensor(relative_weights(items))
     correct = int(((rewards > 0).float() == labels).sum())
     return {"accuracy": correct / len(items), "n": len(items), "loss": float(pointwise_loss(rewards, labels, weights))}
 
@@ -299,6 +319,10 @@ def _batch_loss(rm: RewardModel, batch: list, pointwise_weight: float) -> tuple[
     return loss, correct, len(pairs)
 
 
+def _spread(values: list[float]) -> dict:
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)} if values else {}
+
+
 def check_enough(train: Examples, min_pairs: int) -> None:
     """Refuse to fit on fewer than `min_pairs` training examples (pairs + pointwise labels)."""
     have = len(train.pairs) + len(train.pointwise)
@@ -316,7 +340,8 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
 
     AdamW on the LoRA and head parameters only (the base stays frozen), seeded
     shuffling, one optimiser step per `reward_batch_size` examples (a pair or a
-    pointwise label each), loss = pairwise + pointwise_weight × pointwise, dropout off.
+    pointwise label each), loss = pairwise + pointwise_weight × pointwise, each
+    example's loss weighed by `relative_weights` (its judges' reliability), dropout off.
     Memory is bounded whatever the data: each forward/backward pass holds at most
     `reward_micro_batch_size` examples of at most `reward_max_length` tokens (gradients
     accumulate to the step), and only the top `reward_lora_layers` layers, the ones
@@ -328,6 +353,7 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
 
     train_pairs, train_pointwise, val_pairs, val_pointwise   examples of each sort
     train_examples_by_kind   training examples by feedback kind (comparison, thumbs, ...)
+    train_weights            {min, mean, max} of the training examples' weights before rescaling
     train_loss               mean loss over the last epoch's steps, measured while training
     train_accuracy           share of the last epoch's pairs with r_chosen > r_rejected, while training
     val_loss                 the same loss on `val` after fitting, dropout off (None without val data)
@@ -344,8 +370,11 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     params = [p for p in rm.model.parameters() if p.requires_grad] + list(rm.head.parameters())
     optimizer = torch.optim.AdamW(params, lr=reward_args.reward_lr)
 
-    items = [("pair", rm.encode(prompt_messages(p.prompt), p.chosen), rm.encode(prompt_messages(p.prompt), p.rejected), agreement(p)) for p in train.pairs]
-    items += [("point", rm.encode(prompt_messages(x.prompt), x.completion), x.label, agreement(x)) for x in train.pointwise]
+    weights = relative_weights([*train.pairs, *train.pointwise])  # each example's loss weight, mean 1
+    items = [("pair", rm.encode(prompt_messages(p.prompt), p.chosen), rm.encode(prompt_messages(p.prompt), p.rejected), w)
+             for p, w in zip(train.pairs, weights)]
+    items += [("point", rm.encode(prompt_messages(x.prompt), x.completion), x.label, w)
+              for x, w in zip(train.pointwise, weights[len(train.pairs):])]
     bs = reward_args.reward_batch_size
     mbs = min(reward_args.reward_micro_batch_size, bs)
     steps_per_epoch = math.ceil(len(items) / bs)
@@ -399,6 +428,7 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
         "val_pairs": len(val.pairs),
         "val_pointwise": len(val.pointwise),
         "train_examples_by_kind": dict(Counter(x.kind for x in [*train.pairs, *train.pointwise])),
+        "train_weights": _spread([x.weight for x in [*train.pairs, *train.pointwise]]),
         "train_loss": epoch_loss / steps_per_epoch,
         "train_accuracy": epoch_correct / epoch_pairs if epoch_pairs else None,
         "val_loss": val_loss,

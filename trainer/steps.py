@@ -63,7 +63,7 @@ def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
     from trainer.data import build_examples, split
 
     snapshot = _snapshot(data_args, snapshot)
-    examples = build_examples(snapshot)
+    examples = build_examples(snapshot, data_args.annotator_floor)
     train, val = split(examples, data_args.val_fraction, data_args.split_seed)
     started = time.perf_counter()
     rm, metrics = reward.fit(model_args, reward_args, train, val, progress=progress)
@@ -225,7 +225,7 @@ def run_policy(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
     if snapshot is None and Path(data_args.db).exists():
         snapshot = _snapshot(data_args)
     if examples is None:
-        examples = build_examples(snapshot) if snapshot is not None else None
+        examples = build_examples(snapshot, data_args.annotator_floor) if snapshot is not None else None
     info = {"policy_step": step, "sft_first": policy_args.sft_first, "policy_args": vars(policy_args), **(extra or {})}
     if step == "ppo" and not policy_args.sft_first:
         return run_ppo(model_args, data_args, reward_args, ppo_args, progress=progress, reward_fn=reward_fn, reward_version=reward_version,

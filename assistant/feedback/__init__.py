@@ -4,12 +4,15 @@ One package, one module per idea:
 
     schema.py   the tables, their schema versions and the ordered migrations
     store.py    `FeedbackStore`: writes (users, replies, votes, comparisons,
-                corrections, rankings, imported pairs) and reads, input checks,
+                corrections, rankings, imported pairs, gold items and the answers to
+                checks) and reads, input checks,
                 `FeedbackError` / `StoreUnavailable`
     pairs.py    what a preference pair is: a snapshot of the store → `Pair`s and
                 `Pointwise` labels (`read_snapshot`, `build_examples`), shared by the
                 trainer and the export
     export.py   JSONL in TRL's formats: preference, KTO, SFT; written atomically
+    preferences.py  preference files (HH-RLHF, TRL JSONL) parsed: the trainer's import,
+                `trainer reward-eval` and the gold-item import read them alike
     __main__.py the CLI
 
 Nothing here imports torch, transformers or the trainer: the chat server loads it in

@@ -14,6 +14,12 @@ server may import it.
   "both bad" become `Pointwise` labels. Judgements on the same (prompt, reply pair)
   or (prompt, reply) are merged into one example that counts how many agree
   (`support`) and disagree (`against`); contradictions are kept and counted.
+- Who judged weighs in (assistant/annotators.py): each person has a reliability
+  weight from their answers to gold items and repeats. A person below the floor
+  (`annotator_floor`) is left out, counted as "excluded"; every example gets a
+  `weight`, the sum of its supporters' weights over the number of judgements on it
+  (the agreement share when everyone weighs 1). Gold answers and repeats measure
+  people and are never examples themselves; a repeat does not count twice.
 
 What it is not: the train/validation split, imports of public data sets and prompt
 sets (trainer/data.py), tokenising or training (trainer/). It only reads.
@@ -31,10 +37,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from assistant import annotators
 from assistant.feedback.store import FeedbackStore
 
 FEEDBACK_TABLES = ("votes", "vote_events", "comparisons", "corrections", "rankings")
-COUNT_KINDS = ("comparison", "tie", "both_bad", "correction", "thumbs_up", "thumbs_down", "ranking", "same_text")
+COUNT_KINDS = ("comparison", "tie", "both_bad", "correction", "thumbs_up", "thumbs_down", "ranking", "same_text", "excluded")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class Pair:
     support: int = 1  # judgements that agree with this direction
     against: int = 0  # judgements that say the opposite (kept, counted)
     conversation_ids: tuple = ()  # every conversation a merged judgement came from, first = conversation_id
+    # Training weight: the supporters' reliability weights summed, over the judgements.
+    # Not part of ==: two pairs that say the same thing are equal, whoever said it.
+    weight: float = field(default=1.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -63,14 +73,16 @@ class Pointwise:
     support: int = 1
     against: int = 0
     conversation_ids: tuple = ()
+    weight: float = field(default=1.0, compare=False)  # as Pair.weight
 
 
 @dataclass
 class Examples:
     pairs: list[Pair] = field(default_factory=list)
     pointwise: list[Pointwise] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)  # feedback rows used, by kind
+    counts: dict[str, int] = field(default_factory=dict)  # feedback rows used, by kind ("excluded": left out)
     contradictions: int = 0  # (prompt, reply pair) keys with judgements both ways
+    excluded_users: dict[str, str] = field(default_factory=dict)  # name -> why their feedback was left out
 
 
 def to_prompt(messages: Iterable[dict]) -> tuple:
@@ -97,6 +109,10 @@ class Snapshot:
     again gives the same values. A vote is in the range when it was created in it
     (votes.id) or changed in it (one of its vote_events ids). Its reason comes from the
     same vote_events row as its value.
+
+    The answers to gold items and repeats (`checks`, per user) are read in full up to
+    their highest ids (`check_bounds`), whatever `since` says: a person's weight
+    depends on all of their answers so far.
     """
 
     path: str
@@ -106,6 +122,9 @@ class Snapshot:
     comparisons: list[dict]  # {id, reply_a_id, reply_b_id, choice, user_id}
     corrections: list[dict]  # {id, reply_id, text, user_id}: text is the edited reply
     rankings: list[dict]  # {id, reply_ids, user_id}: reply_ids best first
+    users: dict[int, str] = field(default_factory=dict)  # id -> name, every user
+    checks: dict[int, Any] = field(default_factory=dict)  # user id -> annotators.Checks, answers up to check_bounds
+    check_bounds: dict[str, int] = field(default_factory=dict)  # highest gold_answers / repeat_answers ids read
 
     def id_range(self) -> dict[str, list[int]]:
         """{table: [first, last]}: the ids this snapshot covers, inclusive ([1, 0] is empty).
@@ -179,8 +198,11 @@ def snapshot_in(db: Any, db_path: str | os.PathLike, since: dict[str, int] | Non
     reply_ids |= {c["reply_a_id"] for c in comparisons} | {c["reply_b_id"] for c in comparisons}
     reply_ids |= {rid for r in rankings for rid in r["reply_ids"]}
     replies = _read_replies(db, sorted(reply_ids))
+    check_bounds = annotators.check_bounds(db)
     return Snapshot(path=str(db_path), bounds=bounds, replies=replies, votes=votes,
-                    comparisons=comparisons, corrections=corrections, rankings=rankings)
+                    comparisons=comparisons, corrections=corrections, rankings=rankings,
+                    users=annotators.read_names(db), checks=annotators.read_checks(db, check_bounds),
+                    check_bounds=check_bounds)
 
 
 def _read_replies(db: Any, reply_ids: list[int], chunk: int = 500) -> dict[int, dict]:
@@ -202,20 +224,24 @@ def _read_replies(db: Any, reply_ids: list[int], chunk: int = 500) -> dict[int, 
 # Feedback → examples.
 
 
-def _merge(judgements: list[tuple[Any, str, tuple]]) -> tuple[Any, int, int, str, tuple]:
-    """Judgements (direction, kind, conversation ids), oldest first → the majority
-    direction (a tie in count keeps the first one), support, against, the kind of the
-    first judgement that chose it, and every conversation id involved, first-seen order."""
-    tally = collections.Counter(direction for direction, _, _ in judgements)
+def _merge(judgements: list[tuple]) -> tuple[Any, int, int, str, tuple, float]:
+    """Judgements (direction, kind, conversation ids, weight), oldest first → the
+    direction with the most weight (a tie keeps the first one), support, against, the
+    kind of the first judgement that chose it, every conversation id involved
+    (first-seen order), and the example's weight: the supporters' weights summed over
+    the number of judgements."""
+    tally: dict[Any, float] = collections.defaultdict(float)
+    for direction, _, _, w in judgements:
+        tally[direction] += w
     first = judgements[0][0]
-    direction = max(tally, key=lambda d: (tally[d], d == first))
-    support = tally[direction]
-    kind, conversations = next((k, c) for d, k, c in judgements if d == direction)
-    every = tuple(dict.fromkeys(conversations + tuple(c for _, _, cs in judgements for c in cs)))
-    return direction, support, len(judgements) - support, kind, every
+    direction = max(tally, key=lambda d: (round(tally[d], 9), d == first))
+    support = sum(d == direction for d, _, _, _ in judgements)
+    kind, conversations = next((k, c) for d, k, c, _ in judgements if d == direction)
+    every = tuple(dict.fromkeys(conversations + tuple(c for _, _, cs, _ in judgements for c in cs)))
+    return direction, support, len(judgements) - support, kind, every, tally[direction] / len(judgements)
 
 
-def build_examples(snapshot: Snapshot) -> Examples:
+def build_examples(snapshot: Snapshot, annotator_floor: float = annotators.DEFAULT_FLOOR) -> Examples:
     """Every kind of feedback in `snapshot` → pairs and pointwise labels.
 
     comparison a/b → Pair (kind "comparison"); tie → nothing (counted as "tie");
@@ -225,82 +251,105 @@ def build_examples(snapshot: Snapshot) -> Examples:
     vote up/down → Pointwise label 1/0 (kind "thumbs"), and a Pair (kind "thumbs") for
     every up-voted vs down-voted reply to the same prompt; removed votes are skipped.
 
-    Judgements on the same (prompt, {reply texts}) or (prompt, reply text) are merged:
-    the example takes the majority direction (a tie in count keeps the first, in the
-    order comparisons, corrections, rankings, votes, each by id) and counts support and
-    against. A judgement between two replies with the same text is skipped ("same_text").
+    Each judgement carries its author's reliability weight (assistant/annotators.py);
+    the rows of people whose weight is below `annotator_floor` are left out (counted as
+    "excluded", the reason in `excluded_users`). Judgements on the same (prompt, {reply
+    texts}) or (prompt, reply text) are merged: the example takes the direction with
+    the most weight (a tie keeps the first, in the order comparisons, corrections,
+    rankings, votes, each by id), counts support and against, and weighs the
+    supporters' weights summed over the number of judgements (for an up- vs down-vote
+    pair: the smaller of its two replies' label weights). A judgement between two
+    replies with the same text is skipped ("same_text").
     """
+    annotators.check_floor(annotator_floor)
     counts = dict.fromkeys(COUNT_KINDS, 0)
-    pair_judgements: dict[tuple, list] = {}  # (prompt, text, text) sorted -> [(chosen text, kind, convs)]
-    point_judgements: dict[tuple, list] = {}  # (prompt, text) -> [(label, kind, convs)]
+    pair_judgements: dict[tuple, list] = {}  # (prompt, text, text) sorted -> [(chosen text, kind, convs, weight)]
+    point_judgements: dict[tuple, list] = {}  # (prompt, text) -> [(label, kind, convs, weight)]
     replies = snapshot.replies
+    people = annotators.weights(snapshot.checks, snapshot.users, annotator_floor)
+    excluded_users: dict[str, str] = {}
 
-    def prefer(better: dict, worse: dict, kind: str) -> None:
+    def weight_of(user_id: int) -> float | None:
+        """The author's weight, or None (and counted) when the floor excludes them."""
+        w = people.get(user_id, annotators.NEUTRAL)
+        if w.excluded:
+            counts["excluded"] += 1
+            excluded_users[snapshot.users.get(user_id, str(user_id))] = w.reason
+            return None
+        return w.weight
+
+    def prefer(better: dict, worse: dict, kind: str, w: float) -> None:
         if better["text"] == worse["text"]:
             counts["same_text"] += 1
             return
         key = (better["prompt"], *sorted((better["text"], worse["text"])))
         convs = tuple(dict.fromkeys((better["conversation_id"], worse["conversation_id"])))
-        pair_judgements.setdefault(key, []).append((better["text"], kind, convs))
+        pair_judgements.setdefault(key, []).append((better["text"], kind, convs, w))
 
-    def label(reply: dict, value: int, kind: str) -> None:
+    def label(reply: dict, value: int, kind: str, w: float) -> None:
         key = (reply["prompt"], reply["text"])
-        point_judgements.setdefault(key, []).append((value, kind, (reply["conversation_id"],)))
+        point_judgements.setdefault(key, []).append((value, kind, (reply["conversation_id"],), w))
 
     both_bad = []
     for c in snapshot.comparisons:
+        if (w := weight_of(c["user_id"])) is None:
+            continue
         a, b = replies[c["reply_a_id"]], replies[c["reply_b_id"]]
         if c["choice"] in ("a", "b"):
             counts["comparison"] += 1
-            prefer(*((a, b) if c["choice"] == "a" else (b, a)), "comparison")
+            prefer(*((a, b) if c["choice"] == "a" else (b, a)), "comparison", w)
         elif c["choice"] == "tie":
             counts["tie"] += 1
         else:
             counts["both_bad"] += 1
-            both_bad += [a, b]
+            both_bad += [(a, w), (b, w)]
     for c in snapshot.corrections:
+        if (w := weight_of(c["user_id"])) is None:
+            continue
         counts["correction"] += 1
         original = replies[c["reply_id"]]
-        prefer({**original, "text": c["text"]}, original, "correction")
+        prefer({**original, "text": c["text"]}, original, "correction", w)
     for r in snapshot.rankings:
+        if (w := weight_of(r["user_id"])) is None:
+            continue
         counts["ranking"] += 1
         ranked = [replies[rid] for rid in r["reply_ids"]]
         for i, better in enumerate(ranked):
             for worse in ranked[i + 1:]:
-                prefer(better, worse, "ranking")
+                prefer(better, worse, "ranking", w)
 
     # Thumbs: pointwise labels, then up- vs down-voted replies to the same prompt.
-    votes_on: dict[tuple, list] = {}  # (prompt, text) -> [(label, kind, convs)], votes only
+    votes_on: dict[tuple, list] = {}  # (prompt, text) -> [(label, kind, convs, weight)], votes only
     first_reply: dict[tuple, dict] = {}
     for v in snapshot.votes:
-        if v["value"] == 0:
+        if v["value"] == 0 or (w := weight_of(v["user_id"])) is None:
             continue
         counts["thumbs_up" if v["value"] == 1 else "thumbs_down"] += 1
         reply = replies[v["reply_id"]]
         key = (reply["prompt"], reply["text"])
-        votes_on.setdefault(key, []).append((int(v["value"] == 1), "thumbs", (reply["conversation_id"],)))
+        votes_on.setdefault(key, []).append((int(v["value"] == 1), "thumbs", (reply["conversation_id"],), w))
         first_reply.setdefault(key, reply)
-    by_prompt: dict[tuple, tuple[list, list]] = {}  # prompt -> (up-voted replies, down-voted replies)
+    by_prompt: dict[tuple, tuple[list, list]] = {}  # prompt -> (up-voted (reply, weight)s, down-voted ones)
     for key, judgements in votes_on.items():
-        up = _merge(judgements)[0]
-        by_prompt.setdefault(key[0], ([], []))[0 if up else 1].append(first_reply[key])
+        merged = _merge(judgements)
+        by_prompt.setdefault(key[0], ([], []))[0 if merged[0] else 1].append((first_reply[key], merged[5]))
     for ups, downs in by_prompt.values():
-        for better in ups:
-            for worse in downs:
-                prefer(better, worse, "thumbs")
-    for reply in both_bad:
-        label(reply, 0, "both_bad")
+        for better, w_up in ups:
+            for worse, w_down in downs:
+                prefer(better, worse, "thumbs", min(w_up, w_down))
+    for reply, w in both_bad:
+        label(reply, 0, "both_bad", w)
     for key, judgements in votes_on.items():
         point_judgements.setdefault(key, []).extend(judgements)
 
-    examples = Examples(counts=counts)
+    examples = Examples(counts=counts, excluded_users=excluded_users)
     for (prompt, text_1, text_2), judgements in pair_judgements.items():
-        chosen, support, against, kind, convs = _merge(judgements)
+        chosen, support, against, kind, convs, weight = _merge(judgements)
         rejected = text_2 if chosen == text_1 else text_1
-        examples.pairs.append(Pair(prompt, chosen, rejected, convs[0], kind, support, against, convs))
+        examples.pairs.append(Pair(prompt, chosen, rejected, convs[0], kind, support, against, convs, weight))
         examples.contradictions += against > 0
     for (prompt, text), judgements in point_judgements.items():
-        value, support, against, kind, convs = _merge(judgements)
-        examples.pointwise.append(Pointwise(prompt, text, value, convs[0], kind, support, against, convs))
+        value, support, against, kind, convs, weight = _merge(judgements)
+        examples.pointwise.append(Pointwise(prompt, text, value, convs[0], kind, support, against, convs, weight))
         examples.contradictions += against > 0
     return examples

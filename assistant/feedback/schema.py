@@ -157,8 +157,101 @@ def _v3_rank_source(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_replies_conversation_id ON replies(conversation_id)")
 
 
+def _v4_accounts(db: sqlite_utils.Database) -> None:
+    """Accounts and saved conversations (assistant/accounts.py, assistant/ui.py).
+
+    credentials: one scrypt hash per user who has a password; the hash string carries
+    its own parameters, so they can be raised later without a migration. Users from
+    before accounts (open mode) have no row here until an administrator sets one.
+    logins: one row per log-in, keyed by the sha256 of the session token (the token
+    itself is only ever in the browser); `ended_at` is set on log-out, and
+    `conversation_id` follows the conversation that log-in has open, so a page reload
+    shows it again.
+    conversation_states: the transcript of a signed-in user's conversation as the
+    page shows it (turns with the reply id and adapter version behind each assistant
+    message, and a comparison or ranking still waiting), rewritten after every change,
+    so a conversation can be listed, reopened and continued."""
+    statements = [
+        """CREATE TABLE credentials (
+            user_id INTEGER PRIMARY KEY REFERENCES users(id),
+            hash TEXT NOT NULL,                     -- scrypt$n$r$p$salt$hash (base64)
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE logins (
+            token_sha256 TEXT PRIMARY KEY,          -- hex sha256 of the session token
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            conversation_id TEXT REFERENCES conversations(id),  -- open in this log-in; NULL: none yet
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            ended_at TEXT                           -- set on log-out
+        )""",
+        """CREATE TABLE conversation_states (
+            conversation_id TEXT PRIMARY KEY REFERENCES conversations(id),
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            title TEXT NOT NULL,                    -- from the first user message
+            state TEXT NOT NULL,                    -- JSON {turns: [{role, content, reply_id, version, note}], pending, ranking}
+            updated_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX idx_logins_user_id ON logins(user_id)",
+        "CREATE INDEX idx_logins_conversation_id ON logins(conversation_id)",
+        "CREATE INDEX idx_conversation_states_user_id ON conversation_states(user_id, updated_at)",
+    ]
+    for sql in statements:
+        db.execute(sql)
+
+
+def _v5_annotator_quality(db: sqlite_utils.Database) -> None:
+    """Known-answer items, repeats and their answers (assistant/annotators.py).
+
+    gold_items: comparisons an administrator wrote or imported with a known better
+    reply; `key` (sha256 of the canonical JSON [prompt, better, worse]) makes an import
+    idempotent. gold_answers: one row per time a person was shown a gold item in
+    Compare mode, with the side the better reply was shown on and the choice made (both
+    as shown), so correctness is `choice = better_side`. repeat_answers: a comparison
+    shown again later to the person who made it, sides swapped; `choice` is stored in
+    the original comparison's terms ('a' = the original's reply A), so it is consistent
+    when it equals the original's choice. Neither table is a source of training pairs:
+    they measure the people who judge."""
+    statements = [
+        """CREATE TABLE gold_items (
+            id INTEGER PRIMARY KEY,
+            key TEXT UNIQUE NOT NULL,               -- sha256 of the canonical JSON [prompt, better, worse]
+            prompt TEXT NOT NULL,                   -- JSON [{role, content}...], ends with a user turn
+            better TEXT NOT NULL,                   -- the reply known to be better
+            worse TEXT NOT NULL,
+            source TEXT NOT NULL,                   -- 'dashboard', or the name of the imported file
+            created_at TEXT NOT NULL,
+            CHECK (better <> worse)
+        )""",
+        """CREATE TABLE gold_answers (
+            id INTEGER PRIMARY KEY,
+            gold_item_id INTEGER NOT NULL REFERENCES gold_items(id),
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            better_side TEXT NOT NULL CHECK (better_side IN ('a', 'b')),  -- where the better reply was shown
+            choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),  -- as shown
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE repeat_answers (
+            id INTEGER PRIMARY KEY,
+            comparison_id INTEGER NOT NULL REFERENCES comparisons(id),  -- the original
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),  -- in the original's terms
+            created_at TEXT NOT NULL,
+            UNIQUE (comparison_id, user_id)
+        )""",
+        "CREATE INDEX idx_gold_answers_gold_item_id ON gold_answers(gold_item_id)",
+        "CREATE INDEX idx_gold_answers_user_id ON gold_answers(user_id)",
+        "CREATE INDEX idx_repeat_answers_user_id ON repeat_answers(user_id)",
+    ]
+    for sql in statements:
+        db.execute(sql)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial_schema,
     _v2_imports,
     _v3_rank_source,
+    _v4_accounts,
+    _v5_annotator_quality,
 ]

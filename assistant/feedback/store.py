@@ -22,10 +22,21 @@ Python instead of in SQLite's sleeping busy handler. Bad input raises `FeedbackE
 or unopenable raises `StoreUnavailable` (a `RuntimeError`) with a message a user can
 read. A failed write stores nothing.
 
+Accounts (assistant/accounts.py) keep their password hashes and log-ins here too, and
+a signed-in user's conversations are saved as the page shows them
+(`save_conversation_state`), so they can be listed and reopened.
+
+To check the people who judge, it also keeps gold items (comparisons whose better
+reply is known, written by administrators or imported), people's answers to them, and
+second answers to comparisons shown again to the same person (`repeat_answers`);
+these measure annotators (assistant/annotators.py) and never become training pairs.
+
 What it is not: the tables themselves (schema.py), turning feedback into pairs
-(pairs.py) or export files (export.py). Rows are never deleted; the only updates are
-a user's profile and a user's current vote on a reply (its history stays in
-`vote_events`).
+(pairs.py) or export files (export.py), hashing passwords (accounts.py). Rows are
+never deleted; the only updates are a user's profile, a user's current vote on a
+reply (its history stays in `vote_events`), a password hash, a log-in's end and open
+conversation, an anonymous conversation claimed by its author on log-in, and a saved
+conversation's transcript.
 
     store = FeedbackStore("data/feedback.db")
     uid = store.ensure_user("ada", profile="physician")
@@ -88,6 +99,21 @@ def _check_str(value: Any, what: str, *, allow_empty: bool = True) -> str:
     if not allow_empty and not value.strip():
         raise FeedbackError(f"{what} is empty")
     return value
+
+
+def _check_name(value: Any) -> str:
+    """A user name: a non-empty string, stripped, at most MAX_NAME_CHARS long."""
+    name = _check_str(value, "user name", allow_empty=False).strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise FeedbackError(f"user name is {len(name)} characters long; the limit is {MAX_NAME_CHARS}")
+    return name
+
+
+def _iso(moment: datetime.datetime) -> str:
+    """`moment` (timezone-aware) in the format of `_now`, so stored times compare as strings."""
+    if moment.tzinfo is None:
+        raise FeedbackError(f"a time must carry its timezone, got {moment!r}")
+    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _check_count(value: Any, what: str) -> int:
@@ -414,14 +440,25 @@ class FeedbackStore:
                     f"only replies to the same context can be compared or ranked")
         return replies
 
+    @staticmethod
+    def _refuse_judged_again(db: sqlite_utils.Database, reply_ids: list[int], user_id: int) -> None:
+        """FeedbackError when `user_id` has already compared any two of `reply_ids` or
+        ranked exactly this set of replies."""
+        marks = ", ".join("?" * len(reply_ids))
+        compared = db.execute(
+            f"SELECT 1 FROM comparisons WHERE user_id = ? AND reply_a_id IN ({marks}) AND reply_b_id IN ({marks}) LIMIT 1",
+            [user_id, *reply_ids, *reply_ids]).fetchone()
+        ranked = any(set(json.loads(ids)) == set(reply_ids) for (ids,) in
+                     db.execute("SELECT reply_ids FROM rankings WHERE user_id = ?", [user_id]).fetchall())
+        if compared or ranked:
+            raise FeedbackError("you have already judged these replies; each comparison or ranking takes one answer per person")
+
     # -- writes --------------------------------------------------------------
 
     def ensure_user(self, name: str, profile: str = "") -> int:
         """The id of the user called `name` (stripped), created if new. A non-empty
         profile replaces the stored one; an empty profile leaves it as it is."""
-        name = _check_str(name, "user name", allow_empty=False).strip()
-        if len(name) > MAX_NAME_CHARS:
-            raise FeedbackError(f"user name is {len(name)} characters long; the limit is {MAX_NAME_CHARS}")
+        name = _check_name(name)
         profile = _check_str(profile, "profile").strip()
         with self._write() as db:
             found = db.execute("SELECT id, profile FROM users WHERE name = ?", [name]).fetchone()
@@ -535,9 +572,12 @@ class FeedbackStore:
             _insert(db, "vote_events", {"vote_id": vote_id, "value": value, "reason": reason, "created_at": now})
             return vote_id
 
-    def add_comparison(self, reply_a_id: int, reply_b_id: int, choice: str, user_id: int) -> int:
+    def add_comparison(self, reply_a_id: int, reply_b_id: int, choice: str, user_id: int, *, once: bool = False) -> int:
         """Record a side-by-side choice between two replies to the same context:
-        'a', 'b', 'tie' or 'both_bad'. Returns comparisons.id."""
+        'a', 'b', 'tie' or 'both_bad'. Returns comparisons.id.
+
+        once: refuse (FeedbackError) when this user has already judged these two replies,
+        in either order (what the chat does: one choice per comparison per person)."""
         _check_id(reply_a_id, "reply id")
         _check_id(reply_b_id, "reply id")
         _check_id(user_id, "user id")
@@ -548,6 +588,8 @@ class FeedbackStore:
         with self._write() as db:
             self._replies_with_one_context(db, [reply_a_id, reply_b_id])
             self._row(db, "users", user_id, "user id")
+            if once:
+                self._refuse_judged_again(db, [reply_a_id, reply_b_id], user_id)
             return _insert(db, "comparisons", {
                 "reply_a_id": reply_a_id, "reply_b_id": reply_b_id, "choice": choice,
                 "user_id": user_id, "created_at": _now(),
@@ -568,29 +610,33 @@ class FeedbackStore:
                 "reply_id": reply_id, "text": text, "user_id": user_id, "created_at": _now(),
             })
 
-    def add_ranking(self, reply_ids: list[int], user_id: int) -> int:
+    def add_ranking(self, reply_ids: list[int], user_id: int, *, once: bool = False) -> int:
         """Record a best-first ranking of k >= 2 distinct replies to the same context.
-        Returns rankings.id."""
+        Returns rankings.id. once: as in `add_comparison`, for this set of replies."""
         reply_ids = _check_reply_ids(reply_ids, "a ranking")
         _check_id(user_id, "user id")
         with self._write() as db:
             self._replies_with_one_context(db, reply_ids)
             self._row(db, "users", user_id, "user id")
+            if once:
+                self._refuse_judged_again(db, reply_ids, user_id)
             return _insert(db, "rankings", {
                 "reply_ids": json.dumps(reply_ids), "user_id": user_id, "created_at": _now(),
             })
 
-    def add_ties(self, reply_ids: list[int], user_id: int) -> list[int]:
+    def add_ties(self, reply_ids: list[int], user_id: int, *, once: bool = False) -> list[int]:
         """Record that k >= 2 distinct replies to the same context are all about as good
         (the person could not rank them): one 'tie' comparison per pair, k(k-1)/2 in all,
         in one transaction. Like any tie they give no preference pair. Returns the
-        comparisons' ids."""
+        comparisons' ids. once: as in `add_comparison`, for this set of replies."""
         reply_ids = _check_reply_ids(reply_ids, "a tie")
         _check_id(user_id, "user id")
         now = _now()
         with self._write() as db:
             self._replies_with_one_context(db, reply_ids)
             self._row(db, "users", user_id, "user id")
+            if once:
+                self._refuse_judged_again(db, reply_ids, user_id)
             return [_insert(db, "comparisons", {
                 "reply_a_id": a, "reply_b_id": b, "choice": "tie", "user_id": user_id, "created_at": now,
             }) for i, a in enumerate(reply_ids) for b in reply_ids[i + 1:]]
@@ -642,6 +688,260 @@ class FeedbackStore:
             _insert(db, "imports", {"key": key, "comparison_id": comparison_id, "source_file": source_file,
                                     "created_at": now})
         return True
+
+    # -- accounts and saved conversations ---------------------------------
+    # Passwords are hashed and tokens digested by assistant/accounts.py; the store keeps
+    # only what it is given and never sees a password or a session token.
+
+    def credential(self, name: str) -> tuple[int, str | None] | None:
+        """(user id, password hash) of the user called `name`, the hash None when that
+        user has no password (feedback from before accounts); None when there is no such user."""
+        name = _check_name(name)
+        with self._read() as db:
+            row = db.execute("SELECT u.id, c.hash FROM users u LEFT JOIN credentials c ON c.user_id = u.id "
+                             "WHERE u.name = ?", [name]).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def create_account(self, name: str, profile: str, password_hash: str) -> int:
+        """A new user called `name` with a password, in one transaction; returns the
+        user id. FeedbackError when a user of that name exists, with or without a password."""
+        name = _check_name(name)
+        profile = _check_str(profile, "profile").strip()
+        password_hash = _check_str(password_hash, "password hash", allow_empty=False)
+        now = _now()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
+                raise FeedbackError(f"the name {name!r} is taken")
+            user_id = _insert(db, "users", {"name": name, "profile": profile, "created_at": now})
+            _insert(db, "credentials", {"user_id": user_id, "hash": password_hash, "created_at": now, "updated_at": now})
+            return user_id
+
+    def set_password_hash(self, user_id: int, password_hash: str, *, end_logins: bool) -> None:
+        """Give user `user_id` this password hash (replacing any other). end_logins: also
+        end every log-in of theirs (a new password signs out every browser)."""
+        _check_id(user_id, "user id")
+        password_hash = _check_str(password_hash, "password hash", allow_empty=False)
+        now = _now()
+        with self._write() as db:
+            self._row(db, "users", user_id, "user id")
+            db.execute("INSERT INTO credentials (user_id, hash, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (user_id) DO UPDATE SET hash = excluded.hash, updated_at = excluded.updated_at",
+                       [user_id, password_hash, now, now])
+            if end_logins:
+                db.execute("UPDATE logins SET ended_at = ? WHERE user_id = ? AND ended_at IS NULL", [now, user_id])
+
+    def add_login(self, token_sha256: str, user_id: int, expires_at: datetime.datetime) -> None:
+        """Record a log-in of `user_id`, known by the digest of its token, valid until `expires_at`."""
+        token_sha256 = _check_str(token_sha256, "token digest", allow_empty=False)
+        _check_id(user_id, "user id")
+        with self._write() as db:
+            self._row(db, "users", user_id, "user id")
+            _insert(db, "logins", {"token_sha256": token_sha256, "user_id": user_id, "conversation_id": None,
+                                   "created_at": _now(), "expires_at": _iso(expires_at), "ended_at": None})
+
+    def login(self, token_sha256: str, now: datetime.datetime) -> dict | None:
+        """The log-in with this token digest if it is still valid at `now` (not expired,
+        not ended): {user_id, name, profile, conversation_id}; None otherwise."""
+        token_sha256 = _check_str(token_sha256, "token digest")
+        with self._read() as db:
+            row = db.execute(
+                "SELECT l.user_id, u.name, u.profile, l.conversation_id FROM logins l JOIN users u ON u.id = l.user_id "
+                "WHERE l.token_sha256 = ? AND l.ended_at IS NULL AND l.expires_at > ?", [token_sha256, _iso(now)]).fetchone()
+        return None if row is None else dict(zip(("user_id", "name", "profile", "conversation_id"), row))
+
+    def end_login(self, token_sha256: str) -> None:
+        """Log-out: the log-in with this token digest is valid no more (unknown digests are ignored)."""
+        token_sha256 = _check_str(token_sha256, "token digest")
+        with self._write() as db:
+            db.execute("UPDATE logins SET ended_at = ? WHERE token_sha256 = ? AND ended_at IS NULL", [_now(), token_sha256])
+
+    def set_login_conversation(self, token_sha256: str, user_id: int, conversation_id: str | None) -> None:
+        """Remember which conversation this log-in has open (None: a fresh one), so a
+        reload of the page shows it again. Only the user's own conversations."""
+        _check_id(user_id, "user id")
+        with self._write() as db:
+            if conversation_id is not None:
+                self._own_conversation(db, conversation_id, user_id)
+            db.execute("UPDATE logins SET conversation_id = ? WHERE token_sha256 = ? AND user_id = ?",
+                       [conversation_id, token_sha256, user_id])
+
+    def set_profile(self, user_id: int, profile: str) -> None:
+        """Replace user `user_id`'s profile (empty clears it)."""
+        _check_id(user_id, "user id")
+        profile = _check_str(profile, "profile").strip()
+        with self._write() as db:
+            self._row(db, "users", user_id, "user id")
+            db.execute("UPDATE users SET profile = ? WHERE id = ?", [profile, user_id])
+
+    def claim_conversation(self, conversation_id: str, user_id: int) -> bool:
+        """Give an anonymous conversation (one begun before its author logged in) to
+        `user_id`; returns whether it was anonymous and is now theirs."""
+        _check_id(user_id, "user id")
+        with self._write() as db:
+            self._row(db, "users", user_id, "user id")
+            cursor = db.execute("UPDATE conversations SET user_id = ? WHERE id = ? AND user_id IS NULL",
+                                [user_id, conversation_id])
+            return cursor.rowcount == 1
+
+    @staticmethod
+    def _own_conversation(db: sqlite_utils.Database, conversation_id: str, user_id: int) -> dict:
+        row = FeedbackStore._row(db, "conversations", conversation_id, "conversation id")
+        if row["user_id"] != user_id:
+            raise FeedbackError(f"conversation {conversation_id} is not yours")
+        return row
+
+    def save_conversation_state(self, conversation_id: str, user_id: int, title: str, state: dict) -> None:
+        """Store the transcript of user `user_id`'s conversation as the page shows it
+        (`state`: JSON-serialisable), replacing the one saved before."""
+        _check_id(user_id, "user id")
+        title = _check_str(title, "title")
+        if not isinstance(state, dict):
+            raise FeedbackError(f"a conversation state must be a dict, got {type(state).__name__}")
+        encoded = _json(state, "conversation state")
+        with self._write() as db:
+            self._own_conversation(db, conversation_id, user_id)
+            db.execute("INSERT INTO conversation_states (conversation_id, user_id, title, state, updated_at) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT (conversation_id) DO UPDATE SET title = excluded.title, state = excluded.state, "
+                       "updated_at = excluded.updated_at", [conversation_id, user_id, title, encoded, _now()])
+
+    def conversation_state(self, conversation_id: str, user_id: int) -> dict | None:
+        """User `user_id`'s saved conversation: {conversation_id, system_prompt, title,
+        state, updated_at}, state decoded; None when there is none of theirs by that id."""
+        _check_id(user_id, "user id")
+        _check_str(conversation_id, "conversation id")
+        with self._read() as db:
+            row = db.execute(
+                "SELECT s.conversation_id, c.system_prompt, s.title, s.state, s.updated_at FROM conversation_states s "
+                "JOIN conversations c ON c.id = s.conversation_id WHERE s.conversation_id = ? AND s.user_id = ? "
+                "AND c.user_id = ?", [conversation_id, user_id, user_id]).fetchone()
+        if row is None:
+            return None
+        found = dict(zip(("conversation_id", "system_prompt", "title", "state", "updated_at"), row))
+        found["state"] = json.loads(found["state"])
+        return found
+
+    def user_conversations(self, user_id: int, limit: int = 50) -> list[dict]:
+        """User `user_id`'s saved conversations, most recently changed first:
+        [{conversation_id, title, updated_at}]."""
+        _check_id(user_id, "user id")
+        _check_count(limit, "limit")
+        with self._read() as db:
+            rows = db.execute("SELECT conversation_id, title, updated_at FROM conversation_states WHERE user_id = ? "
+                              "ORDER BY updated_at DESC, rowid DESC LIMIT ?", [user_id, limit]).fetchall()
+        return [dict(zip(("conversation_id", "title", "updated_at"), row)) for row in rows]
+
+    # -- annotator quality: gold items, repeats and their answers ------------
+    # What the answers say about the people who give them, and how that weighs their
+    # feedback in training, is assistant/annotators.py.
+
+    def add_gold_item(self, prompt: list[dict], better: str, worse: str, source: str) -> tuple[int, bool]:
+        """Store a comparison whose better reply is known (a "gold item"); returns
+        (gold_items.id, added). The prompt must end with a user message: it is shown as
+        the user turn above the two replies. The same (prompt, better, worse) is stored
+        once; adding it again returns the stored id with added False.
+        source: 'dashboard', or the name of the file it was imported from."""
+        prompt = _check_context(prompt)
+        if prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
+            raise FeedbackError("a gold item's prompt must end with a non-empty user message (it is shown as the question)")
+        better = _check_str(better, "better reply", allow_empty=False)
+        worse = _check_str(worse, "worse reply", allow_empty=False)
+        if better.strip() == worse.strip():
+            raise FeedbackError("the better and the worse reply are the same text; a gold item needs two different replies")
+        source = _check_str(source, "source", allow_empty=False)
+        key = import_key(prompt, better, worse)
+        with self._write() as db:
+            found = db.execute("SELECT id FROM gold_items WHERE key = ?", [key]).fetchone()
+            if found:
+                return found[0], False
+            return _insert(db, "gold_items", {"key": key, "prompt": _json(prompt, "prompt"), "better": better,
+                                              "worse": worse, "source": source, "created_at": _now()}), True
+
+    def gold_item(self, gold_item_id: int) -> dict:
+        """One gold item: {id, prompt (decoded), better, worse, source, created_at}."""
+        _check_id(gold_item_id, "gold item id")
+        with self._read() as db:
+            item = self._row(db, "gold_items", gold_item_id, "gold item id")
+        item["prompt"] = json.loads(item["prompt"])
+        del item["key"]
+        return item
+
+    def gold_items(self) -> list[dict]:
+        """Every gold item, oldest first, with how often it was answered and answered
+        right: {id, prompt (decoded), better, worse, source, created_at, answers, correct}."""
+        with self._read() as db:
+            rows = list(db.query(
+                """SELECT g.id, g.prompt, g.better, g.worse, g.source, g.created_at,
+                          COUNT(a.id) AS answers, COALESCE(SUM(a.choice = a.better_side), 0) AS correct
+                   FROM gold_items g LEFT JOIN gold_answers a ON a.gold_item_id = g.id
+                   GROUP BY g.id ORDER BY g.id"""))
+        for row in rows:
+            row["prompt"] = json.loads(row["prompt"])
+        return rows
+
+    def unanswered_gold(self, user_id: int) -> list[int]:
+        """Ids of the gold items `user_id` has not answered yet, oldest first."""
+        _check_id(user_id, "user id")
+        with self._read() as db:
+            return [gid for (gid,) in db.execute(
+                "SELECT id FROM gold_items WHERE id NOT IN (SELECT gold_item_id FROM gold_answers WHERE user_id = ?) "
+                "ORDER BY id", [user_id]).fetchall()]
+
+    def add_gold_answer(self, gold_item_id: int, user_id: int, better_side: str, choice: str) -> int:
+        """Record `user_id`'s answer to a gold item shown with its better reply on
+        `better_side` ('a' or 'b'); `choice` as shown. Returns gold_answers.id."""
+        _check_id(gold_item_id, "gold item id")
+        _check_id(user_id, "user id")
+        if better_side not in ("a", "b"):
+            raise FeedbackError(f"better_side must be 'a' or 'b', got {better_side!r}")
+        if choice not in CHOICES:
+            raise FeedbackError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        with self._write() as db:
+            self._row(db, "gold_items", gold_item_id, "gold item id")
+            self._row(db, "users", user_id, "user id")
+            return _insert(db, "gold_answers", {"gold_item_id": gold_item_id, "user_id": user_id,
+                                                "better_side": better_side, "choice": choice, "created_at": _now()})
+
+    def repeat_candidates(self, user_id: int, before: datetime.datetime) -> list[int]:
+        """Ids of `user_id`'s comparisons made before `before` that may be shown to them
+        again: made in Compare mode (two 'compare' replies, not imported, not a ranking's
+        ties) and not repeated yet. Oldest first."""
+        _check_id(user_id, "user id")
+        with self._read() as db:
+            return [cid for (cid,) in db.execute(
+                """SELECT c.id FROM comparisons c
+                   JOIN replies ra ON ra.id = c.reply_a_id JOIN replies rb ON rb.id = c.reply_b_id
+                   WHERE c.user_id = ? AND c.created_at < ? AND ra.source = 'compare' AND rb.source = 'compare'
+                     AND c.id NOT IN (SELECT comparison_id FROM imports)
+                     AND c.id NOT IN (SELECT comparison_id FROM repeat_answers WHERE user_id = ?)
+                   ORDER BY c.id""", [user_id, _iso(before), user_id]).fetchall()]
+
+    def comparison(self, comparison_id: int) -> dict:
+        """One comparison with both replies: {id, user_id, choice, created_at, reply_a, reply_b},
+        each reply as `get_reply` returns it."""
+        _check_id(comparison_id, "comparison id")
+        with self._read() as db:
+            row = self._row(db, "comparisons", comparison_id, "comparison id")
+        return {"id": row["id"], "user_id": row["user_id"], "choice": row["choice"], "created_at": row["created_at"],
+                "reply_a": self.get_reply(row["reply_a_id"]), "reply_b": self.get_reply(row["reply_b_id"])}
+
+    def add_repeat_answer(self, comparison_id: int, user_id: int, choice: str) -> int:
+        """Record `user_id`'s second answer to their own comparison `comparison_id`,
+        `choice` in the original's terms ('a' = the original's reply A, whichever side
+        it was shown on the second time). One per comparison and person. Returns
+        repeat_answers.id."""
+        _check_id(comparison_id, "comparison id")
+        _check_id(user_id, "user id")
+        if choice not in CHOICES:
+            raise FeedbackError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        with self._write() as db:
+            original = self._row(db, "comparisons", comparison_id, "comparison id")
+            if original["user_id"] != user_id:
+                raise FeedbackError(f"comparison {comparison_id} was made by another user; only its author can repeat it")
+            if db.execute("SELECT 1 FROM repeat_answers WHERE comparison_id = ? AND user_id = ?",
+                          [comparison_id, user_id]).fetchone():
+                raise FeedbackError(f"comparison {comparison_id} has been repeated already")
+            return _insert(db, "repeat_answers", {"comparison_id": comparison_id, "user_id": user_id,
+                                                  "choice": choice, "created_at": _now()})
 
     # -- reads and export --------------------------------------------------
 
