@@ -443,14 +443,19 @@ def _load_prepared(engine, adapters_dir: Path, version: str, then=None):
 
 
 def activate(engine, adapters_dir: str | Path, version: str) -> str:
-    """Validate, load and switch to `version` between decode steps; returns the old version.
+    """Validate, load and switch to `version`; returns the old version.
 
-    In-flight and queued replies keep the version they were pinned to; the previous
+    The weights are copied into a free adapter slot on the calling thread while the
+    engine keeps decoding, and the switch is a pointer change, so nothing waits for a
+    decode step; an adapter that fits no slot is loaded through peft between two
+    steps instead. In-flight and queued replies keep the version they were pinned to; the previous
     adapter is unloaded as soon as no reply uses it. Raises InvalidAdapter and changes nothing when
     the adapter is bad; an error while loading it (from peft) is raised as it is, and nothing
     changes either.
     """
     prepare(engine, adapters_dir, version)
+    if version == BASE_VERSION or engine.load_staged(version):  # in a slot: no wait for the decode step
+        return engine.switch(version)
     return _load_prepared(engine, Path(adapters_dir), version, then=lambda: engine.switch(version))
 
 
@@ -519,18 +524,16 @@ class CurrentWatcher:
         if version is not None and version != engine.policy.current:
             try:
                 prepare(engine, self.adapters_dir, version)
-                _load_prepared(engine, self.adapters_dir, version)
+                if not engine.load_staged(version):
+                    _load_prepared(engine, self.adapters_dir, version)
             except Exception as exc:  # noqa: BLE001 - any failure to load refuses the candidate
                 self._refuse(version, _why(exc))
                 version = None
             if version == old:
                 return
 
-        def retire(policy):
-            if old is not None and old != version:
-                engine.retire(old)
-
-        engine.call(retire).result()
+        if old is not None and old != version:
+            engine.retire(old)
         self.live = version
         log.info("live comparison candidate: %s", version or "none")
 

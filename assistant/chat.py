@@ -32,7 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from assistant.config import BASE_VERSION
-from assistant.model import Policy
+from assistant.model import Policy, SlotBank
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +210,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor)
 class Engine:
     """Continuous-batching generator that owns the policy on one thread."""
 
-    def __init__(self, policy: Policy, max_batch: int = 8, max_queue: int = 64, adapter_slots: int = 3):
+    def __init__(self, policy: Policy, max_batch: int = 8, max_queue: int = 64, adapter_slots: int = 6):
         self.policy = policy
         while len(policy.slots) < adapter_slots:  # before the engine thread runs: adding one adds modules
             policy.add_slot()
+        if policy.slots and policy.bank is None:
+            policy.bank = SlotBank(policy.model, list(policy.slots))
         self.max_batch = max_batch
         self.max_queue = max_queue
         tok = policy.tokenizer
@@ -229,7 +231,7 @@ class Engine:
         # changes the current version and decides which adapters are still in use.
         self.pin_lock = threading.Lock()
         self._retiring: set[str] = set()  # swapped-out versions to unload once unused
-        self._mode: str | None = None  # adapter state the model is in: a version, 'mixed', or None = unknown
+        self._mode: tuple | None = None  # adapter state the model is in: (version or 'mixed', its peft name), None = unknown
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -290,25 +292,48 @@ class Engine:
         self._rows, self._cache, self._mask = [], None, None
 
     def switch(self, version: str) -> str:
-        """Make `version` (loaded, or 'base') current for new replies; returns the old one.
+        """Make `version` current for new replies; returns the old one. From any thread.
 
-        Call on the engine thread (inside `call`). The old adapter stays loaded while
-        running or queued replies are pinned to it, and is unloaded after the last one."""
+        `version` is 'base', loaded, or staged into an adapter slot (Policy.stage), in
+        which case it is loaded here: a slot is a mapping, so nothing waits for the
+        decode step. The old adapter stays loaded while running or queued replies are
+        pinned to it; the engine unloads it between steps after the last one."""
         with self.pin_lock:
+            if version != BASE_VERSION and version not in self.policy.loaded:
+                if version not in self.policy.staged:
+                    raise ValueError(f"adapter version {version} is neither loaded nor staged")
+                self.policy.load_adapter(version, None)  # staged: records its slot, touches no module
             old, self.policy.current = self.policy.current, version
             if old != version and old != BASE_VERSION:
                 self._retiring.add(old)
             self._retiring.discard(version)
-        self.release_unused()
+        if threading.current_thread() is self._thread:
+            self.release_unused()
+        else:
+            self._wake.set()  # the loop releases what no reply uses any more
         return old
 
     def retire(self, version: str) -> None:
-        """Unload a loaded, non-current adapter once no reply uses it (call on the engine thread)."""
+        """Unload a loaded, non-current adapter once no reply uses it. From any thread."""
         with self.pin_lock:
             if version == self.policy.current or version == BASE_VERSION or version not in self.policy.loaded:
                 return
             self._retiring.add(version)
-        self.release_unused()
+        if threading.current_thread() is self._thread:
+            self.release_unused()
+        else:
+            self._wake.set()
+
+    def load_staged(self, version: str) -> bool:
+        """Load a version staged into an adapter slot, from any thread (a mapping; no
+        module changes). False when it is not staged; True when loaded or already loaded."""
+        with self.pin_lock:
+            if version in self.policy.loaded:
+                return True
+            if version not in self.policy.staged:
+                return False
+            self.policy.load_adapter(version, None)
+            return True
 
     def release_unused(self) -> None:
         """Unload swapped-out adapters that no running or queued reply is pinned to."""
@@ -324,6 +349,8 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_jobs()
+            if self._retiring:
+                self.release_unused()
             admitted = self._admit()
             if not self._rows and not admitted:
                 self._wake.wait(timeout=0.5)
@@ -348,6 +375,8 @@ class Engine:
                 fn, fut = self._jobs.get_nowait()
             except queue.Empty:
                 return
+            if self._retiring:  # a job sees every swapped-out adapter no reply uses released
+                self.release_unused()
             if fut.set_running_or_notify_cancel():
                 self._mode = None  # the job may load, delete or activate adapters
                 try:
@@ -372,35 +401,50 @@ class Engine:
     def _select_adapters(self, versions: list[str]) -> dict:
         """Put the model in the adapter state `versions` need; returns extra forward kwargs.
 
-        One version for the whole batch (the common case) switches the model's active
-        adapter, or disables LoRA for 'base', only when it changes: peft's toggles walk
-        every module and would otherwise cost a quarter of each decode step. Mixed
-        batches go through peft's per-row `adapter_names`."""
+        Rows whose versions are all in adapter slots (or the base, with at least one
+        slot among them) go through the slot bank: each row gathers its own slot's LoRA
+        weights, whether the batch holds one version or several, so a swap costs no
+        peft toggles and a mixed batch costs what a single one does (SlotBank). Other
+        batches: one version switches the model's active adapter, or disables LoRA for
+        'base', only when it changes (peft's toggles walk every module and would
+        otherwise cost a quarter of each decode step); several go through peft's
+        per-row `adapter_names`."""
         model = self.policy.model
         unique = set(versions)
+        bank = self.policy.bank
+        if bank is not None and unique != {BASE_VERSION}:
+            rows = bank.rows_for([None if v == BASE_VERSION else self.policy.loaded[v] for v in versions])
+            if rows is not None:
+                bank.rows = rows.to(self.policy.device)
+                return {}
         mode = versions[0] if len(unique) == 1 else "mixed"
-        if mode != self._mode:
+        key = (mode, self.policy.loaded.get(mode))  # a version re-loaded into another slot is another state
+        if key != self._mode:
             if mode == BASE_VERSION:
                 model.base_model.disable_adapter_layers()
             else:
                 model.base_model.enable_adapter_layers()
                 if mode != "mixed":
                     model.set_adapter(self.policy.loaded[mode])
-            self._mode = mode
+            self._mode = key
         if mode == "mixed":
             return {"adapter_names": ["__base__" if v == BASE_VERSION else self.policy.loaded[v] for v in versions]}
         return {}
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, versions: list[str]):
         """One forward pass with each row on its own adapter version."""
-        out = self.policy.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            **self._select_adapters(versions),
-        )
+        try:
+            out = self.policy.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                **self._select_adapters(versions),
+            )
+        finally:
+            if self.policy.bank is not None:
+                self.policy.bank.rows = None
         return out.logits[:, -1, :]  # (B, V)
 
     def _prefill(self, rows: list[_Row]) -> None:

@@ -203,6 +203,7 @@ class Policy:
     current: str = BASE_VERSION
     loaded: dict[str, str] = field(default_factory=dict)
     slots: dict[str, dict[str, torch.nn.Parameter]] = field(default_factory=dict)  # slot -> {saved tensor name: parameter}
+    bank: "SlotBank | None" = None  # the slots' weights stacked for mixed batches (Engine builds it)
     staged: dict[str, str] = field(default_factory=dict)  # version -> slot holding its weights, not yet loaded
     _slot_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -213,6 +214,8 @@ class Policy:
     def add_slot(self) -> str:
         """Create one more reusable adapter slot; call before generation starts or
         between forward passes (it adds modules). The active adapter is unchanged."""
+        if self.bank is not None:
+            raise RuntimeError("adapter slots are stacked for mixed batches already; add slots before the engine starts")
         name = f"{SLOT_PREFIX}{len(self.slots)}"
         active = self.model.active_adapter
         self.model.add_adapter(name, self.lora)
@@ -286,6 +289,63 @@ class Policy:
             name = self.loaded.pop(version, None)
         if name is not None and name not in self.slots:
             self.model.delete_adapter(name)
+
+
+class SlotBank:
+    """Every adapter slot's LoRA weights stacked per module, so that one forward pass
+    can give each row of the batch its own slot: per LoRA module, gather each row's
+    A (r × in) and B (out × r) and apply them with two batched matmuls.
+
+    Why: peft's per-row path (`adapter_names`) runs each adapter on its own sub-batch,
+    module by module, which made a decode step of 8 rows on two versions about 45%
+    slower than on one (see docs/benchmarks.md, hot-swap). Here the cost does not
+    grow with the number of versions in the batch. The slots' parameters become views
+    into the stacked tensors, so staging a version (`Policy.stage`) writes straight
+    into them. The last index is all zeros: the base model's rows.
+
+    Used only while `rows` is set (Engine._forward, for mixed batches whose versions are
+    all in slots or the base); otherwise every module runs peft's own forward."""
+
+    def __init__(self, model: PeftModel, slot_names: list[str]):
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        self.index = {name: i for i, name in enumerate(slot_names)}
+        self.base_index = len(slot_names)
+        self.rows: torch.Tensor | None = None  # (B,) slot index of each row of the pass in progress
+        self.modules = 0
+        for module in model.modules():
+            if isinstance(module, LoraLinear) and all(s in module.lora_A for s in slot_names):
+                self._install(module, slot_names)
+                self.modules += 1
+
+    def _install(self, module, slot_names: list[str]) -> None:
+        a = [module.lora_A[s].weight for s in slot_names]
+        b = [module.lora_B[s].weight for s in slot_names]
+        A = torch.stack([w.data for w in a] + [torch.zeros_like(a[0])])  # (S+1, r, in)
+        B = torch.stack([w.data for w in b] + [torch.zeros_like(b[0])])  # (S+1, out, r)
+        for i, (wa, wb) in enumerate(zip(a, b)):
+            wa.data, wb.data = A[i], B[i]  # the same Parameter objects, now views into the stacks
+        scaling = module.scaling[slot_names[0]]
+        peft_forward = module.forward
+
+        def forward(x, *args, **kwargs):
+            rows = self.rows
+            if rows is None:
+                return peft_forward(x, *args, **kwargs)
+            result = module.base_layer(x, *args, **kwargs)
+            a_rows, b_rows = A.index_select(0, rows), B.index_select(0, rows)  # (B, r, in), (B, out, r)
+            h = torch.bmm(x.to(a_rows.dtype), a_rows.transpose(1, 2))  # (B, T, r)
+            return result + (torch.bmm(h, b_rows.transpose(1, 2)) * scaling).to(result.dtype)
+
+        module.forward = forward
+
+    def rows_for(self, names: list[str | None]) -> torch.Tensor | None:
+        """Slot indices of a batch's rows (None = base), or None when a row's adapter is
+        not a slot (peft's own path must serve that batch)."""
+        try:
+            return torch.tensor([self.base_index if n is None else self.index[n] for n in names])
+        except KeyError:
+            return None
 
 
 def build_policy(args: ModelArgs) -> Policy:

@@ -337,6 +337,7 @@ def _store(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (FeedbackError, StoreUnavailable) as exc:
+        log.warning("store refused %s: %s", getattr(fn, "__name__", fn), exc)  # the person sees it too, as a toast
         gr.Warning(str(exc))
         return None
 

@@ -197,8 +197,19 @@ class Probe:
             self.last_job = box
             return call(job)
 
+        prepare = adapters.prepare
+        self.last_prepare_ms: float | None = None
+
+        def timed_prepare(*args):
+            t = time.perf_counter()
+            try:
+                return prepare(*args)
+            finally:
+                self.last_prepare_ms = (time.perf_counter() - t) * 1000
+
         policy.load_adapter, policy.unload_adapter = timed_load, timed_unload
         engine._forward, engine.call = counted_forward, timed_call
+        adapters.prepare = timed_prepare  # validate + copy into a free slot, on the swapping thread
 
 
 # -- the chats ---------------------------------------------------------------------------
@@ -283,6 +294,7 @@ def timed_swaps(engine: Engine, probe: Probe, adapters_dir: Path, schedule: list
     for i, version in enumerate(schedule):
         time.sleep(max(0.0, t_swap + i * interval - time.perf_counter()))
         loads_before = len(probe.loads)
+        probe.last_job, probe.last_prepare_ms = {}, None
         t = time.perf_counter()
         sw = {"i": i + 1, "to": version, "slot": (slot_of or {}).get(version, version), "at": t - t_start}
         try:
@@ -295,10 +307,11 @@ def timed_swaps(engine: Engine, probe: Probe, adapters_dir: Path, schedule: list
         new_loads = probe.loads[loads_before:]
         sw.update(
             ms=(end - t) * 1000,
-            validate_ms=(job["queued"] - t) * 1000 if "queued" in job else None,
-            wait_step_ms=(job["started"] - job["queued"]) * 1000 if "started" in job else None,
-            job_ms=(job["done"] - job["started"]) * 1000 if "done" in job else None,
-            switched_at=job.get("started"),
+            validate_ms=probe.last_prepare_ms,
+            wait_step_ms=(job["started"] - job["queued"]) * 1000 if "started" in job else 0.0,  # 0: switched without the engine thread
+            job_ms=(job["done"] - job["started"]) * 1000 if "done" in job else 0.0,
+            on_engine_thread="started" in job,
+            switched_at=job.get("started", end),
             loaded=bool(new_loads),
             load_ms=sum(x["ms"] for x in new_loads),
         )
@@ -516,7 +529,8 @@ def main() -> None:
         "swap_ms_p50_loaded": percentile([s["ms"] for s in loaded], 0.5) if loaded else None,
         "swap_ms_p50_no_load": percentile([s["ms"] for s in swap_ok if not s["loaded"]], 0.5) if len(loaded) < len(swap_ok) else None,
         "load_ms_p50": percentile([s["load_ms"] for s in loaded], 0.5) if loaded else None,
-        "validate_ms_p50": percentile([s["validate_ms"] for s in swap_ok], 0.5) if swap_ok else None,
+        "validate_ms_p50": percentile([s["validate_ms"] for s in swap_ok if s["validate_ms"] is not None] or [0.0], 0.5) if swap_ok else None,
+        "swaps_on_engine_thread": sum(s.get("on_engine_thread", False) for s in swap_ok),
         "wait_step_ms_p50": percentile([s["wait_step_ms"] for s in swap_ok], 0.5) if swap_ok else None,
         "wait_step_ms_max": max(s["wait_step_ms"] for s in swap_ok) if swap_ok else None,
         "unloads": len(run_unloads),
@@ -576,7 +590,8 @@ def main() -> None:
     print(f"| swaps that loaded the adapter from disk | {summary['swaps_that_loaded']} of {len(swap_ok)} "
           f"(p50 {fmt(summary['swap_ms_p50_loaded'])} ms, load itself {fmt(summary['load_ms_p50'])} ms; "
           f"without a load (already loaded, or base): p50 {fmt(summary['swap_ms_p50_no_load'])} ms) |")
-    print(f"| in each swap, p50: validate / wait for the decode step | {fmt(summary['validate_ms_p50'])} / {fmt(summary['wait_step_ms_p50'])} ms (wait max {fmt(summary['wait_step_ms_max'])}) |")
+    print(f"| in each swap, p50: validate and copy into a slot (swapping thread) / wait for the decode step | {fmt(summary['validate_ms_p50'])} / {fmt(summary['wait_step_ms_p50'])} ms (wait max {fmt(summary['wait_step_ms_max'])}) |")
+    print(f"| swaps that needed the engine thread (no free slot: loaded through peft) | {summary['swaps_on_engine_thread']} of {len(swaps)} |")
     print(f"| adapters unloaded after their last reply | {summary['unloads']} (p50 {fmt(summary['unload_ms_p50'])} ms each) |")
     print(f"| replies completed (while swapping / in flight across a swap) | {summary['replies_completed']} ({summary['replies_during_swaps']} / {summary['replies_across_a_swap']}) |")
     print(f"| failed replies | {summary['replies_failed']} |")

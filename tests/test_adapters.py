@@ -71,8 +71,9 @@ def with_value(value):
 
 
 def activate_in_background(engine, adapters_dir, version) -> tuple[threading.Thread, dict]:
-    """Start `activate` on another thread and return once its swap is queued on the
-    engine, so the caller decides what the engine is doing when the swap runs."""
+    """Start `activate` on another thread and return once its swap is done (an adapter
+    staged into a slot switches without the engine thread) or queued on the engine (one
+    loaded through peft), so the caller decides what the engine is doing meanwhile."""
     queued, call = threading.Event(), engine.call
 
     def call_and_signal(fn):
@@ -88,7 +89,9 @@ def activate_in_background(engine, adapters_dir, version) -> tuple[threading.Thr
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    assert queued.wait(HANG_GUARD_S), "activate never queued its swap"
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not queued.wait(0.01) and thread.is_alive():
+        assert time.monotonic() < deadline, "activate never switched or queued its swap"
     engine.call = call
     return thread, result
 
@@ -327,6 +330,7 @@ def test_reply_pinned_just_before_a_swap_keeps_its_adapter(engine, policy, publi
 def test_activate_unloads_an_adapter_no_reply_uses(engine, policy, published):
     activate(engine, published, "v000001")
     activate(engine, published, "v000002")
+    engine.call(lambda p: None).result()  # the engine releases swapped-out adapters between steps
     assert set(policy.loaded) == {"v000002"}
     assert "v000001" not in policy.model.peft_config
 
@@ -354,6 +358,7 @@ def test_rollback_to_base_serves_the_base_model(engine, policy, published, tiny_
     activate(engine, published, "v000001")
     assert activate(engine, published, BASE_VERSION) == "v000001"
     assert policy.current == BASE_VERSION
+    engine.call(lambda p: None).result()  # swapped-out adapters are released between steps
     assert policy.loaded == {}
     stream = engine.submit(QUESTION, greedy(16))
     drain(stream)
@@ -665,6 +670,7 @@ def test_watcher_drops_the_old_live_candidate_when_the_new_one_fails_to_load(eng
     shape_mismatch(published / "v000003")
     adapters_mod.set_live(published, "v000003")
     watcher.poll()
+    engine.call(lambda p: None).result()  # swapped-out adapters are released between steps
     assert watcher.live is None and set(policy.loaded) == {"v000001"}
     assert "v000003" in watcher.refused
 

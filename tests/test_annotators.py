@@ -470,3 +470,17 @@ def test_no_checks_without_a_name_or_with_the_rates_at_zero(deps, store):
         compare(deps, session)
         assert not session.pending[0].get("check")
         ui.decide(deps, session, "a")
+
+
+def test_the_kto_export_leaves_out_an_excluded_annotators_votes_too(store, tmp_path):
+    import json
+
+    coin = audited(store, "coin", gold=(2, 14))
+    ada = store.ensure_user("ada")
+    conv = store.new_conversation(ada)
+    r1, r2 = add_reply(store, conv, "4"), add_reply(store, conv, "Four.")
+    store.set_vote(r1, ada, 1, "right")
+    store.set_vote(r2, coin, -1, "random")
+    out = tmp_path / "kto.jsonl"
+    assert store.export("kto", out) == 1
+    assert [json.loads(line)["reason"] for line in out.read_text().splitlines()] == ["right"]

@@ -271,3 +271,50 @@ def test_staging_while_the_engine_generates_leaves_running_replies_alone(tiny_ar
         assert after.text() == reference(p2) != texts[0]
     finally:
         engine.close()
+
+
+def test_a_mixed_batch_through_the_slot_bank_computes_what_peft_computes_row_by_row(tiny_args, make_adapter, tmp_path):
+    policy = build_policy(tiny_args())
+    engine = Engine(policy, adapter_slots=3)
+    try:
+        for i, v in enumerate(("v000001", "v000002"), start=1):
+            assert policy.stage(v, _weights(make_adapter(tmp_path / v, seed=i))) and engine.load_staged(v)
+        assert policy.bank is not None and policy.bank.modules > 0
+        versions = ["v000001", "v000002", BASE_VERSION, "v000002"]
+        ids = policy.tokenizer(["What is the capital of France?"] * 4, return_tensors="pt")["input_ids"]
+
+        def bank_logits(p):
+            engine._mode = None
+            kwargs = engine._select_adapters(versions)
+            assert kwargs == {} and p.bank.rows is not None  # the bank serves this batch, not adapter_names
+            try:
+                return p.model(input_ids=ids).logits
+            finally:
+                p.bank.rows = None
+
+        def peft_logits(p):
+            names = ["__base__" if v == BASE_VERSION else p.loaded[v] for v in versions]
+            return p.model(input_ids=ids, adapter_names=names).logits
+
+        with torch.no_grad():
+            got, want = engine.call(bank_logits).result(), engine.call(peft_logits).result()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got[0], got[1]) and not torch.allclose(got[1], got[2])  # three different models
+    finally:
+        engine.close()
+
+
+def test_replies_of_a_mixed_batch_on_slots_match_each_versions_reply_alone(tiny_args, make_adapter, tmp_path):
+    policy = build_policy(tiny_args())
+    engine = Engine(policy, adapter_slots=3)
+    try:
+        for i, v in enumerate(("v000001", "v000002"), start=1):
+            assert policy.stage(v, _weights(make_adapter(tmp_path / v, seed=i))) and engine.load_staged(v)
+        versions = ["v000001", "v000002", BASE_VERSION] * 2
+        batched = [engine.submit(QUESTION, GREEDY, version=v) for v in versions]
+        texts = [s.text() for s in batched]
+        alone = {v: engine.submit(QUESTION, GREEDY, version=v).text() for v in set(versions)}
+        assert texts == [alone[v] for v in versions]
+        assert len(set(alone.values())) == 3
+    finally:
+        engine.close()

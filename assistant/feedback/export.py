@@ -13,7 +13,8 @@ never locked in and never means something else outside.
                 and pairs of two identical texts give none.
     kto         {"prompt", "completion", "label", "reason"}: one row per current up
                 (true) or down (false) vote, with the reason given with it ("" when
-                none); removed votes are skipped.
+                none); removed votes are skipped, and so are the votes of people whose
+                reliability weight is below the floor (as in every other format).
     sft         {"messages"}: replies the thumbs call good (majority up), comparison
                 winners and corrections (the edited text), each (prompt, text) once.
 
@@ -41,10 +42,11 @@ def export(store: FeedbackStore, fmt: str, out_path: str | os.PathLike) -> int:
         raise FeedbackError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     with store._read() as db:
         snapshot = snapshot_in(db, store.path)
+    examples = build_examples(snapshot)
     if fmt == "kto":
-        rows = list(_kto_rows(snapshot))
+        excluded = {uid for uid, name in snapshot.users.items() if name in examples.excluded_users}
+        rows = list(_kto_rows(snapshot, excluded))
     else:
-        examples = build_examples(snapshot)
         rows = list(_preference_rows(examples) if fmt == "preference" else _sft_rows(examples))
     _write_jsonl_atomic(Path(out_path), rows)
     return len(rows)
@@ -59,11 +61,11 @@ def _preference_rows(examples: Examples) -> Iterator[dict]:
         yield {"prompt": prompt_messages(p.prompt), "chosen": _assistant(p.chosen), "rejected": _assistant(p.rejected)}
 
 
-def _kto_rows(snapshot: Snapshot) -> Iterator[dict]:
+def _kto_rows(snapshot: Snapshot, excluded: set = frozenset()) -> Iterator[dict]:
     """One row per vote, not per merged label: KTO takes unpaired judgements, and each
-    vote carries its own reason."""
+    vote carries its own reason. Votes by the `excluded` user ids are left out."""
     for v in snapshot.votes:
-        if v["value"] != 0:
+        if v["value"] != 0 and v["user_id"] not in excluded:
             reply = snapshot.replies[v["reply_id"]]
             yield {"prompt": prompt_messages(reply["prompt"]), "completion": _assistant(reply["text"]),
                    "label": v["value"] == 1, "reason": v["reason"]}
