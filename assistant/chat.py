@@ -415,7 +415,7 @@ class Engine:
         if bank is not None and unique != {BASE_VERSION}:
             rows = bank.rows_for([None if v == BASE_VERSION else self.policy.loaded[v] for v in versions])
             if rows is not None:
-                bank.rows = rows.to(self.policy.device)
+                bank.use(rows.to(self.policy.device), self.policy.lora.r)
                 return {}
         mode = versions[0] if len(unique) == 1 else "mixed"
         key = (mode, self.policy.loaded.get(mode))  # a version re-loaded into another slot is another state
@@ -444,7 +444,7 @@ class Engine:
             )
         finally:
             if self.policy.bank is not None:
-                self.policy.bank.rows = None
+                self.policy.bank.use(None, 0)
         return out.logits[:, -1, :]  # (B, V)
 
     def _prefill(self, rows: list[_Row]) -> None:

@@ -329,13 +329,15 @@ class SlotBank:
         peft_forward = module.forward
 
         def forward(x, *args, **kwargs):
-            rows = self.rows
-            if rows is None:
+            if self.rows is None:
                 return peft_forward(x, *args, **kwargs)
             result = module.base_layer(x, *args, **kwargs)
-            a_rows, b_rows = A.index_select(0, rows), B.index_select(0, rows)  # (B, r, in), (B, out, r)
-            h = torch.bmm(x.to(a_rows.dtype), a_rows.transpose(1, 2))  # (B, T, r)
-            return result + (torch.bmm(h, b_rows.transpose(1, 2)) * scaling).to(result.dtype)
+            present, mask = self._present, self._mask  # the batch's u slots; (B, 1, u·r) which r-block is each row's
+            u, r = len(present), A.shape[1]
+            a = A.index_select(0, present).reshape(u * r, -1)  # (u·r, in): every present slot's A, stacked
+            b = B.index_select(0, present).transpose(1, 2).reshape(u * r, -1)  # (u·r, out)
+            h = (x.to(a.dtype) @ a.T) * mask.to(a.dtype)  # (B, T, u·r): each row keeps only its own slot's block
+            return result + ((h @ b) * scaling).to(result.dtype)
 
         module.forward = forward
 
@@ -346,6 +348,22 @@ class SlotBank:
             return torch.tensor([self.base_index if n is None else self.index[n] for n in names])
         except KeyError:
             return None
+
+    def use(self, rows: torch.Tensor | None, r: int) -> None:
+        """Serve the next forward pass with each row on slot `rows[i]` (None: peft's path).
+
+        The u distinct slots present (base rows need none) are applied with two
+        matmuls against their stacked A and B (u·r columns) and a mask that keeps, in
+        each row, only its own slot's r columns: no per-row copies of weights, and a
+        cost that grows with u·r, a few dozen columns, not with the batch."""
+        if rows is None:
+            self.rows = None
+            return
+        present = torch.unique(rows[rows != self.base_index])
+        onehot = rows.unsqueeze(1) == present.unsqueeze(0)  # (B, u); a base row matches none
+        self._present = present
+        self._mask = onehot.repeat_interleave(r, dim=1).unsqueeze(1)  # (B, 1, u·r)
+        self.rows = rows
 
 
 def build_policy(args: ModelArgs) -> Policy:

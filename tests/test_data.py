@@ -202,6 +202,117 @@ def test_contradicting_votes_on_one_reply_are_counted(store, chat):
     assert examples.contradictions == 1
 
 
+# -- merging per rater profile group -------------------------------------------------
+
+
+@pytest.fixture
+def groups(store):
+    """Replies to CTX and OTHER_CTX judged by two physicians (profiles typed two ways),
+    a novice and someone without a profile, with every kind of feedback."""
+    users = {name: store.ensure_user(name, profile=profile)
+             for name, profile in (("ada", "Physician"), ("bob", " physician."), ("cy", "novice"), ("dee", ""))}
+    conv = store.new_conversation(users["ada"])
+    r1, r2, r3 = (add_reply(store, conv, text) for text in ("4", "Four.", "Five."))
+    other = add_reply(store, conv, "Blue.", context=OTHER_CTX)
+    other_2 = add_reply(store, conv, "Red.", context=OTHER_CTX)
+    store.add_comparison(r1, r2, "a", users["ada"])
+    store.add_comparison(r1, r2, "b", users["cy"])  # the novice prefers the other reply
+    store.add_comparison(r2, r1, "b", users["bob"])  # the second physician agrees with the first, sides swapped
+    store.add_comparison(r1, r3, "both_bad", users["dee"])
+    store.add_ranking([r3, r2, r1], users["cy"])
+    store.add_correction(r3, "2 + 2 = 4.", users["bob"])
+    store.set_vote(r1, users["ada"], 1)
+    store.set_vote(r3, users["cy"], -1)  # up and down, but by different groups
+    store.set_vote(other, users["dee"], 1)
+    store.set_vote(other_2, users["dee"], -1)
+    store.import_pair(CTX, "Four, of course.", "Twenty-two.", source_file="hh.jsonl")
+    return SimpleNamespace(store=store, users=users, conv=conv)
+
+
+def test_by_profile_off_gives_the_merge_over_everyone_whatever_the_profiles(groups, tmp_path):
+    examples = build_examples(read_snapshot(groups.store.path), by_profile=False)
+    assert examples == examples_of(groups.store)
+    assert {x.profile for x in [*examples.pairs, *examples.pointwise]} == {""}
+    assert [(p.chosen, p.rejected, p.support, p.against) for p in examples.pairs if {p.chosen, p.rejected} == {"4", "Four."}] == [
+        ("4", "Four.", 2, 2)]  # two physicians against the novice's two judgements (choice and ranking); the tie keeps the first
+    # The novice's ranking (Five. over 4) against the pair a physician's up-vote and the novice's down-vote make.
+    assert [(p.chosen, p.support, p.against) for p in examples.pairs if {p.chosen, p.rejected} == {"4", "Five."}] == [("Five.", 1, 1)]
+    # The same feedback given by people without profiles: the very same examples, weights and order included.
+    with FeedbackStore(tmp_path / "anonymous.db") as anonymous:
+        for name in ("ada", "bob", "cy", "dee"):
+            anonymous.ensure_user(name)
+        conv = anonymous.new_conversation(1)
+        ids = [add_reply(anonymous, conv, text) for text in ("4", "Four.", "Five.")] + [
+            add_reply(anonymous, conv, text, context=OTHER_CTX) for text in ("Blue.", "Red.")]
+        r1, r2, r3, other, other_2 = ids
+        anonymous.add_comparison(r1, r2, "a", 1)
+        anonymous.add_comparison(r1, r2, "b", 3)
+        anonymous.add_comparison(r2, r1, "b", 2)
+        anonymous.add_comparison(r1, r3, "both_bad", 4)
+        anonymous.add_ranking([r3, r2, r1], 3)
+        anonymous.add_correction(r3, "2 + 2 = 4.", 2)
+        anonymous.set_vote(r1, 1, 1)
+        anonymous.set_vote(r3, 3, -1)
+        anonymous.set_vote(other, 4, 1)
+        anonymous.set_vote(other_2, 4, -1)
+        anonymous.import_pair(CTX, "Four, of course.", "Twenty-two.", source_file="hh.jsonl")
+        plain = build_examples(read_snapshot(anonymous.path))
+
+    def comparable(ex: Examples) -> tuple:  # conversation ids are random per store
+        return ([(p.prompt, p.chosen, p.rejected, p.kind, p.support, p.against, p.weight) for p in ex.pairs],
+                [(x.prompt, x.completion, x.label, x.kind, x.support, x.against, x.weight) for x in ex.pointwise],
+                ex.counts, ex.contradictions)
+
+    assert comparable(plain) == comparable(examples)
+
+
+def test_by_profile_merges_each_groups_judgements_apart(groups):
+    examples = build_examples(read_snapshot(groups.store.path), by_profile=True)
+    r1_r2 = sorted((p.profile, p.chosen, p.support, p.against) for p in examples.pairs if {p.chosen, p.rejected} == {"4", "Four."})
+    assert r1_r2 == [("novice", "Four.", 2, 0), ("physician", "4", 2, 0)]  # 'Physician' and ' physician.' are one group
+    assert examples.contradictions == 0
+    by_group = {(p.profile, p.chosen, p.rejected, p.kind) for p in examples.pairs}
+    assert ("physician", "2 + 2 = 4.", "Five.", "correction") in by_group
+    assert ("(no profile)", "Blue.", "Red.", "thumbs") in by_group  # up- and down-vote within one group pair up
+    assert not any(p.kind == "thumbs" and p.profile in ("physician", "novice") for p in examples.pairs)  # across groups they do not
+    assert [(p.profile, p.chosen, p.support, p.against) for p in examples.pairs if {p.chosen, p.rejected} == {"4", "Five."}] == [
+        ("novice", "Five.", 1, 0)]
+    assert {(x.profile, x.completion, x.label) for x in examples.pointwise} == {
+        ("(no profile)", "4", 0), ("(no profile)", "Five.", 0), ("physician", "4", 1), ("novice", "Five.", 0),
+        ("(no profile)", "Blue.", 1), ("(no profile)", "Red.", 0)}
+    assert examples.counts == examples_of(groups.store).counts  # the same rows are used, only merged apart
+
+
+def test_imported_pairs_have_no_profile_group(groups):
+    examples = build_examples(read_snapshot(groups.store.path), by_profile=True)
+    [imported] = [p for p in examples.pairs if p.chosen == "Four, of course."]
+    assert imported.profile == "" and imported.rejected == "Twenty-two."
+
+
+def test_profile_folds_keep_every_prompt_on_the_side_of_the_merged_folds(tmp_path):
+    from trainer import steps
+
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        expert, novice = store.ensure_user("ada", profile="expert"), store.ensure_user("bob", profile="novice")
+        for i in range(40):
+            conv = store.new_conversation(expert)
+            context = [{"role": "user", "content": f"question {i}"}]
+            a, b = (add_reply(store, conv, f"{text} {i}", context=context) for text in ("good", "bad"))
+            store.add_comparison(a, b, "a", expert)
+            store.add_comparison(a, b, "b", novice)
+        snapshot = read_snapshot(store.path)
+    fold_a, fold_b = steps.folds(build_examples(snapshot))
+    grouped_a, grouped_b, grouped = steps.profile_folds(snapshot, fold_a, fold_b)
+    assert fold_a.pairs and fold_b.pairs
+    for merged, per_group in ((fold_a, grouped_a), (fold_b, grouped_b)):
+        assert {p.prompt for p in per_group.pairs} == {p.prompt for p in merged.pairs}
+        assert len(per_group.pairs) == 2 * len(merged.pairs)
+        assert {p.profile for p in per_group.pairs} == {"expert", "novice"}
+    assert len(grouped.pairs) == 80
+    with pytest.raises(ValueError, match="neither fold"):
+        steps.profile_folds(snapshot, fold_a, Examples())
+
+
 # -- snapshots --------------------------------------------------------------------
 
 

@@ -290,7 +290,7 @@ def test_a_mixed_batch_through_the_slot_bank_computes_what_peft_computes_row_by_
             try:
                 return p.model(input_ids=ids).logits
             finally:
-                p.bank.rows = None
+                p.bank.use(None, 0)
 
         def peft_logits(p):
             names = ["__base__" if v == BASE_VERSION else p.loaded[v] for v in versions]

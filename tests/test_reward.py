@@ -1,8 +1,10 @@
 """Tests for trainer/reward.py: the losses and the Wilson interval against hand
 computations, last-token scoring under padding and truncation, fitting a preference
 with an obvious rule, which parameters a fit trains, refusing too little data,
-the on-disk round trip and its manifest, normalisation, the nf4 path on CPU, and
-annotator weights beating an unweighted fit when a random voter casts a third of the votes.
+the on-disk round trip and its manifest, normalisation, the nf4 path on CPU,
+annotator weights beating an unweighted fit when a random voter casts a third of the
+votes, and a model conditioned on the rater's profile learning two groups' opposite
+tastes that an unconditioned one cannot tell apart.
 
 Everything runs on the tiny seeded model from tests/tiny.py, offline, on CPU.
 Run: python -m pytest tests/test_reward.py -q
@@ -338,3 +340,112 @@ def test_annotator_weights_beat_an_unweighted_fit_when_a_third_of_the_votes_are_
         wins += scores[0] > scores[1]
     assert wins >= 2, (weighted_correct, unweighted_correct)
     assert weighted_correct / 384 > unweighted_correct / 384 + 0.04, (weighted_correct, unweighted_correct)
+
+
+# -- conditioning on the rater's profile ------------------------------------------------
+
+COND_ARGS = dataclasses.replace(FIT_ARGS, reward_condition_on_profile=True)
+
+
+def profile_lead(rm: reward.RewardModel, group: str) -> list[int]:
+    text = rm.tokenizer.apply_chat_template([{"role": "system", "content": f"Rater profile: {group}"}], tokenize=False)
+    return rm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_conditioned_model_reads_the_profile_first_and_keeps_it_when_cutting(model_args):
+    rm = reward.build(model_args, dataclasses.replace(COND_ARGS, reward_max_length=64))
+    assert rm.condition_on_profile
+    ids = rm.encode([{"role": "user", "content": "a very long question " * 20}], "the reply ends here", "nurse")
+    lead = profile_lead(rm, "nurse")
+    assert len(ids) == 64 and ids[: len(lead)] == lead
+    assert rm.tokenizer.decode(ids).endswith("the reply ends here<|im_end|>\n")
+    short = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    uncut = dataclasses.replace(rm, max_length=512)
+    for profile in (None, ""):  # no profile: scored for "any"
+        assert uncut.tokenizer.decode(uncut.encode(short, "hello", profile)) == rm.tokenizer.apply_chat_template(
+            [{"role": "system", "content": "Rater profile: any"}, *short, {"role": "assistant", "content": "hello"}], tokenize=False)
+    with pytest.raises(ValueError, match="no room after the"):
+        reward.build(model_args, dataclasses.replace(COND_ARGS, reward_max_length=8)).encode(short, "hello", "nurse")
+
+
+def test_an_unconditioned_model_refuses_a_profile(model_args):
+    rm = reward.build(model_args, FIT_ARGS)
+    prompts, replies = [[{"role": "user", "content": "q"}]], ["a"]
+    assert not rm.condition_on_profile
+    torch.testing.assert_close(rm.score(prompts, replies, profiles=[""]), rm.score(prompts, replies))
+    with pytest.raises(ValueError, match="reads no profile"):
+        rm.score(prompts, replies, profiles=["nurse"])
+    with pytest.raises(ValueError, match="1 profiles but 2 replies"):
+        rm.score(prompts * 2, replies * 2, profiles=["nurse"])
+
+
+def taste_texts(rng: random.Random) -> tuple[str, str]:
+    """(a reply that ends with the marker word banana, one that does not)."""
+    fruit = rng.sample(FRUIT, 3)
+    return f"{fruit[0]}, {fruit[1]} and banana.", f"{fruit[0]}, {fruit[1]} and {fruit[2]}."
+
+
+def opposite_tastes_db(path, n: int, seed: int):
+    """n prompts, each with a banana reply and a plain one that an expert and a novice
+    both compared: the expert always chose banana, the novice never (who judged first
+    alternates). Returns the database's path."""
+    rng = random.Random(seed)
+    with FeedbackStore(path) as store:
+        expert, novice = store.ensure_user("ada", profile="Expert"), store.ensure_user("bob", profile="novice")
+        for i in range(n):
+            conv = store.new_conversation(expert)
+            context = [{"role": "user", "content": f"Fruit for {rng.choice(TOPICS)} {seed}-{i}?"}]
+            banana, plain = (store.add_reply(conversation_id=conv, context=context, text=text, params={}, model="tiny",
+                                             adapter_version="base", prompt_tokens=1, completion_tokens=1, latency_ms=1.0,
+                                             ttft_ms=None, finish_reason="stop", source="compare") for text in taste_texts(rng))
+            judges = [(expert, "a"), (novice, "b")]
+            for user, choice in judges if i % 2 == 0 else judges[::-1]:
+                store.add_comparison(banana, plain, choice, user)
+    return path
+
+
+def taste_pairs(n: int, seed: int) -> list[Pair]:
+    """Held-out pairs: for each of n prompts, the expert's (banana chosen) and the novice's (banana rejected)."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        prompt = (("user", f"Fruit for {rng.choice(TOPICS)} {seed}-{i}?"),)
+        banana, plain = taste_texts(rng)
+        pairs.append(Pair(prompt, banana, plain, f"held-{seed}-{i}", "comparison", profile="expert"))
+        pairs.append(Pair(prompt, plain, banana, f"held-{seed}-{i}", "comparison", profile="novice"))
+    return pairs
+
+
+def test_a_profile_conditioned_model_learns_opposite_tastes_an_unconditioned_one_cannot(model_args, tmp_path):
+    args = dataclasses.replace(COND_ARGS, reward_epochs=3)
+    conditioned_correct = unconditioned_correct = n = 0
+    for seed in (11, 21, 31):
+        snapshot = read_snapshot(opposite_tastes_db(tmp_path / f"feedback-{seed}.db", 48, seed=seed))
+        grouped, merged = build_examples(snapshot, by_profile=True), build_examples(snapshot)
+        assert len(grouped.pairs) == 96 and grouped.contradictions == 0
+        assert len(merged.pairs) == 48 and merged.contradictions == 48  # merged over everyone, the groups cancel out
+        held_out = taste_pairs(24, seed=seed + 1)
+        conditioned, metrics = reward.fit(model_args, args, grouped, Examples(pairs=held_out), progress=False)
+        plain, _ = reward.fit(model_args, FIT_ARGS, merged, Examples(), progress=False)
+        with_group = reward.evaluate_pairs(conditioned, held_out, with_profile=True)["accuracy"]
+        unconditioned = reward.evaluate_pairs(plain, held_out, with_profile=True)["accuracy"]  # reads no profile
+        assert with_group > 0.6, (seed, with_group, unconditioned)
+        assert metrics["val_accuracy_by_profile"] == with_group
+        assert metrics["val_accuracy"] == reward.evaluate_pairs(conditioned, held_out)["accuracy"]  # scored for "any", as PPO scores
+        assert metrics["train_examples_by_profile"] == {"expert": 48, "novice": 48}
+        conditioned_correct += round(with_group * len(held_out))
+        unconditioned_correct += round(unconditioned * len(held_out))
+        n += len(held_out)
+    assert conditioned_correct / n >= 0.75, (conditioned_correct, unconditioned_correct, n)
+    assert abs(unconditioned_correct / n - 0.5) <= 0.1, (conditioned_correct, unconditioned_correct, n)
+
+    # Saved and loaded, the model still reads the profile: its manifest says so.
+    version = reward.save(tmp_path / "reward", conditioned, manifest_for(metrics, grouped))
+    assert reward.read_manifest(tmp_path / "reward", version)["condition_on_profile"] is True
+    loaded = reward.load(tmp_path / "reward", model_args, version)
+    assert loaded.condition_on_profile
+    prompts, replies = [prompt_messages(p.prompt) for p in held_out[:6]], [p.chosen for p in held_out[:6]]
+    groups = [p.profile for p in held_out[:6]]
+    torch.testing.assert_close(loaded.score(prompts, replies, profiles=groups), conditioned.score(prompts, replies, profiles=groups))
+    torch.testing.assert_close(loaded.score(prompts, replies), conditioned.score(prompts, replies, profiles=[""] * 6))
+    assert not torch.equal(conditioned.score(prompts, replies, profiles=groups), conditioned.score(prompts, replies))

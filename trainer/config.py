@@ -54,6 +54,7 @@ class RewardArgs:
     reward_max_grad_norm: float = _f(1.0, "gradient-norm clip of each reward-model optimiser step")
     reward_eval_batch_size: int = _f(16, "sequences per forward pass when scoring (validation, normalisation)")
     normalizer_size: int = _f(512, "most training replies scored after fitting to set the reward's mean/std normalisation")
+    reward_condition_on_profile: bool = _f(False, "condition the reward model on the rater's profile group: feedback is merged per group and each reply is read after a 'Rater profile: <group>' system message (PPO and the gate score with 'any'); see the README")
 
     def validate(self) -> None:
         for name in ("reward_lora_r", "reward_lora_alpha", "reward_epochs", "reward_batch_size", "reward_micro_batch_size", "reward_max_length",

@@ -18,13 +18,29 @@ imported pairs weigh 1). Weights are rescaled to mean 1 over the examples fitted
 so they shift the fit towards reliable judges without changing the learning rate's
 scale: when everyone weighs the same, the fit is the unweighted one.
 
+Optionally (`--reward-condition-on-profile`) the model also reads who is judging:
+people's preferences differ by profile group (a physician and a novice may prefer
+different replies), and a model that cannot tell them apart learns their average, or
+nothing where they disagree. A conditioned model reads one extra leading system message:
+
+    text = apply_chat_template([{"role": "system", "content": "Rater profile: <group>"}]
+                               + prompt + [{"role": "assistant", "content": reply}])
+
+with <group> the example's profile group (pairs.build_examples(by_profile=True)), or
+"any" when it has none (imported pairs, scoring for everyone). Each example is trained
+twice, with its group and with "any", so the "any" score stays the reward of the
+feedback as a whole: PPO, GRPO/RLOO and the gate's judge score with "any", and
+`score(..., profiles=[...])` asks a group's view. When a text is too long, the profile
+message is kept and the rest is cut from the left as usual. Without the flag the input
+is the plain text above, exactly.
+
 On disk, one directory per fit, numbered like adapters:
 
     data/reward/r000001/
         adapter_config.json, adapter_model.safetensors   the peft LoRA adapter
         head.safetensors                                  the scalar head: weight (1, H), bias (1,)
         normalizer.json                                   {"mean", "std", "n"} of raw scores on the reference set
-        manifest.json                                     base model, quantisation, feedback ids, counts, metrics, args, times
+        manifest.json                                     base model, quantisation, condition_on_profile, feedback ids, counts, metrics, args, times
 
 What it does not do: read the feedback store or split data (data.py), run PPO
 (ppo.py), or decide when to refit (schedule.py).
@@ -70,6 +86,8 @@ MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE, NORMALIZER_FILE, MANIFEST_FILE)
 VERSION_RE = cycles.REWARD_VERSION_RE
 STD_FLOOR = 1e-6  # a reference set that scores all alike is centred, not blown up
+PROFILE_PREFIX = "Rater profile: "  # a conditioned model reads "Rater profile: <group>" as a leading system message
+ANY_PROFILE = "any"  # the group a conditioned model scores for when none is given
 
 
 # -- pure math -------------------------------------------------------------------
@@ -161,17 +179,36 @@ class RewardModel:
     mean: float = 0.0
     std: float = 1.0
     n: int = 0
+    condition_on_profile: bool = False  # reads a "Rater profile: <group>" system message first
 
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def encode(self, prompt: list[dict], reply: str) -> list[int]:
-        """Token ids of the chat-templated prompt + reply, cut from the left to max_length."""
+    def encode(self, prompt: list[dict], reply: str, profile: str | None = None) -> list[int]:
+        """Token ids of the chat-templated prompt + reply, cut from the left to max_length.
+
+        A conditioned model reads the profile message first (`profile` None or "" =
+        "any"), and keeps it whole when the text is cut. An unconditioned model reads no
+        profile and refuses one."""
         messages = list(prompt) + [{"role": "assistant", "content": reply}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[-self.max_length :]
+        if not self.condition_on_profile:
+            if profile:
+                raise ValueError(f"this reward model was fitted without --reward-condition-on-profile and reads no profile, got {profile!r}")
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return ids[-self.max_length :]
+        lead = [{"role": "system", "content": PROFILE_PREFIX + (profile or ANY_PROFILE)}]
+        lead_text = self.tokenizer.apply_chat_template(lead, tokenize=False)
+        text = self.tokenizer.apply_chat_template(lead + messages, tokenize=False)
+        if not text.startswith(lead_text):
+            raise ValueError(f"the chat template of {self.model_name} does not render a leading system message as a prefix of the "
+                             "conversation, so the profile message cannot be kept when a text is cut; fit without --reward-condition-on-profile")
+        lead_ids = self.tokenizer(lead_text, add_special_tokens=False)["input_ids"]
+        keep = self.max_length - len(lead_ids)
+        if keep < 1:
+            raise ValueError(f"--reward-max-length {self.max_length} leaves no room after the {len(lead_ids)}-token profile message; raise it")
+        return lead_ids + self.tokenizer(text[len(lead_text):], add_special_tokens=False)["input_ids"][-keep:]
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw scores of a padded batch, differentiable: (B, T), (B, T) → (B,) float32."""
@@ -194,16 +231,22 @@ class RewardModel:
                 out[idx] = self.rewards(input_ids, attention_mask).float().cpu()
         return out
 
-    def score(self, prompts: list[list[dict]], replies: list[str], batch_size: int = 16, raw: bool = False) -> torch.Tensor:
+    def score(self, prompts: list[list[dict]], replies: list[str], profiles: list[str] | None = None, batch_size: int = 16,
+              raw: bool = False) -> torch.Tensor:
         """Score each (prompt, reply): (B,) float32 on CPU.
 
         `prompts[i]` is the conversation before the reply, as [{role, content}, ...].
-        Normalised (mean 0, std 1 on the reference set) unless raw=True."""
+        `profiles[i]`: the profile group to score for (conditioned models only; None,
+        or "" in the list, = "any"). Normalised (mean 0, std 1 on the reference set,
+        scored as "any") unless raw=True."""
         if len(prompts) != len(replies):
             raise ValueError(f"score: {len(prompts)} prompts but {len(replies)} replies")
+        if profiles is not None and len(profiles) != len(replies):
+            raise ValueError(f"score: {len(profiles)} profiles but {len(replies)} replies")
         if not replies:
             return torch.empty(0)
-        scores = self.score_ids([self.encode(p, r) for p, r in zip(prompts, replies)], batch_size)  # (B,)
+        profiles = profiles if profiles is not None else [None] * len(replies)
+        scores = self.score_ids([self.encode(p, r, g) for p, r, g in zip(prompts, replies, profiles)], batch_size)  # (B,)
         return scores if raw else (scores - self.mean) / self.std
 
 
@@ -233,25 +276,36 @@ def build(model_args: ModelArgs, reward_args: RewardArgs) -> RewardModel:
     model = get_peft_model(base, _reward_lora(model_args, reward_args, num_layers), adapter_name=ADAPTER)
     head = scalar_head(model)
     model.eval()
-    return RewardModel(model, head, tokenizer, model_args.model, quantize, reward_args.reward_max_length)
+    return RewardModel(model, head, tokenizer, model_args.model, quantize, reward_args.reward_max_length,
+                       condition_on_profile=reward_args.reward_condition_on_profile)
 
 
 # -- evaluation ------------------------------------------------------------------
 
 
-def _pair_scores(rm: RewardModel, pairs: list[Pair], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _profile(rm: RewardModel, example: Pair | Pointwise, with_profile: bool) -> str | None:
+    """The group `example` is scored for: its own with `with_profile` on a conditioned
+    model, else none ("any"; an unconditioned model reads none)."""
+    return example.profile if with_profile and rm.condition_on_profile else None
+
+
+def _pair_scores(rm: RewardModel, pairs: list[Pair], batch_size: int, with_profile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw (rewards_chosen, rewards_rejected), each (P,), from one longest-first scoring pass."""
-    seqs = [rm.encode(prompt_messages(p.prompt), p.chosen) for p in pairs] + [rm.encode(prompt_messages(p.prompt), p.rejected) for p in pairs]
+    seqs = [rm.encode(prompt_messages(p.prompt), p.chosen, _profile(rm, p, with_profile)) for p in pairs]
+    seqs += [rm.encode(prompt_messages(p.prompt), p.rejected, _profile(rm, p, with_profile)) for p in pairs]
     scores = rm.score_ids(seqs, batch_size)  # (2P,)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
-def evaluate_pairs(reward_model: RewardModel, pairs: list[Pair], batch_size: int = 16) -> dict:
+def evaluate_pairs(reward_model: RewardModel, pairs: list[Pair], batch_size: int = 16, with_profile: bool = False) -> dict:
     """Pairwise accuracy (r_chosen > r_rejected) with its 95% Wilson interval, and the
-    weighted Bradley-Terry loss (`relative_weights`), on raw scores. No pairs → accuracy and loss None."""
+    weighted Bradley-Terry loss (`relative_weights`), on raw scores. No pairs → accuracy and loss None.
+
+    with_profile: a conditioned model scores each pair for its own `profile` group
+    (else for "any", the way PPO and the gate score); an unconditioned one reads none."""
     if not pairs:
         return {"accuracy": None, "lo": 0.0, "hi": 1.0, "n": 0, "loss": None}
-    rewards_chosen, rewards_rejected = _pair_scores(reward_model, pairs, batch_size)
+    rewards_chosen, rewards_rejected = _pair_scores(reward_model, pairs, batch_size, with_profile)
     weights = torch.tensor(relative_weights(pairs))
     correct = int((rewards_chosen > rewards_rejected).sum())
     acc, lo, hi = accuracy_ci(correct, len(pairs))
@@ -259,11 +313,13 @@ def evaluate_pairs(reward_model: RewardModel, pairs: list[Pair], batch_size: int
     return {"accuracy": acc, "lo": lo, "hi": hi, "n": len(pairs), "loss": float(loss)}
 
 
-def evaluate_pointwise(reward_model: RewardModel, items: list[Pointwise], batch_size: int = 16) -> dict:
-    """Accuracy of sign(r) against the labels and the weighted logistic loss (`relative_weights`), on raw scores."""
+def evaluate_pointwise(reward_model: RewardModel, items: list[Pointwise], batch_size: int = 16, with_profile: bool = False) -> dict:
+    """Accuracy of sign(r) against the labels and the weighted logistic loss (`relative_weights`), on raw scores.
+    with_profile: as in evaluate_pairs."""
     if not items:
         return {"accuracy": None, "n": 0, "loss": None}
-    rewards = reward_model.score_ids([reward_model.encode(prompt_messages(x.prompt), x.completion) for x in items], batch_size)  # (N,)
+    rewards = reward_model.score_ids([reward_model.encode(prompt_messages(x.prompt), x.completion, _profile(reward_model, x, with_profile))
+                                      for x in items], batch_size)  # (N,)
     labels = torch.tensor([float(x.label) for x in items])  # (N,)
     weights = torch.tensor(relative_weights(items))
     correct = int(((rewards > 0).float() == labels).sum())
@@ -286,8 +342,9 @@ def reference_set(examples: Examples, cap: int = 512, seed: int = 0) -> tuple[li
 
 
 def normalize(reward_model: RewardModel, prompts: list[list[dict]], replies: list[str], batch_size: int = 16) -> None:
-    """Set the model's mean/std to those of its raw scores on (prompts, replies)."""
-    raw = reward_model.score(prompts, replies, batch_size, raw=True)  # (N,)
+    """Set the model's mean/std to those of its raw scores on (prompts, replies), scored
+    for "any" when the model is conditioned on profiles (the way PPO scores)."""
+    raw = reward_model.score(prompts, replies, batch_size=batch_size, raw=True)  # (N,)
     reward_model.mean = float(raw.mean())
     reward_model.std = max(float(raw.std(correction=0)), STD_FLOOR)
     reward_model.n = len(replies)
@@ -319,6 +376,11 @@ def _batch_loss(rm: RewardModel, batch: list, pointwise_weight: float) -> tuple[
     return loss, correct, len(pairs)
 
 
+def _reads(example: Pair | Pointwise) -> tuple[str | None, ...]:
+    """The profiles a conditioned fit reads `example` with: its group and "any" (None)."""
+    return (example.profile, None) if example.profile else (None,)
+
+
 def _spread(values: list[float]) -> dict:
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)} if values else {}
 
@@ -342,6 +404,9 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     shuffling, one optimiser step per `reward_batch_size` examples (a pair or a
     pointwise label each), loss = pairwise + pointwise_weight × pointwise, each
     example's loss weighed by `relative_weights` (its judges' reliability), dropout off.
+    A model conditioned on profiles (`reward_condition_on_profile`) reads each example
+    twice, with its profile group and with "any" (once when it has no group), at the
+    example's weight each time.
     Memory is bounded whatever the data: each forward/backward pass holds at most
     `reward_micro_batch_size` examples of at most `reward_max_length` tokens (gradients
     accumulate to the step), and only the top `reward_lora_layers` layers, the ones
@@ -356,9 +421,14 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     train_weights            {min, mean, max} of the training examples' weights before rescaling
     train_loss               mean loss over the last epoch's steps, measured while training
     train_accuracy           share of the last epoch's pairs with r_chosen > r_rejected, while training
+                             (a conditioned model: over both reads of each pair)
     val_loss                 the same loss on `val` after fitting, dropout off (None without val data)
     val_accuracy, _lo, _hi   validation pairwise accuracy and its 95% Wilson interval
     val_pointwise_accuracy   share of validation labels whose reward sign matches the label
+                             (validation of a conditioned model scores "any", as PPO and the
+                             gate do; the same figures read for each example's own group:)
+    val_accuracy_by_profile, _lo, _hi, val_pointwise_accuracy_by_profile, train_examples_by_profile
+                             conditioned models only
     steps                    optimiser steps
     pairs_per_s              training examples (a pair or a label each) per second of the optimiser loop
     train_seconds, seconds   the optimiser loop; the whole fit with loading, normalising, validating
@@ -371,10 +441,16 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     optimizer = torch.optim.AdamW(params, lr=reward_args.reward_lr)
 
     weights = relative_weights([*train.pairs, *train.pointwise])  # each example's loss weight, mean 1
-    items = [("pair", rm.encode(prompt_messages(p.prompt), p.chosen), rm.encode(prompt_messages(p.prompt), p.rejected), w)
-             for p, w in zip(train.pairs, weights)]
-    items += [("point", rm.encode(prompt_messages(x.prompt), x.completion), x.label, w)
-              for x, w in zip(train.pointwise, weights[len(train.pairs):])]
+    if not rm.condition_on_profile:
+        items = [("pair", rm.encode(prompt_messages(p.prompt), p.chosen), rm.encode(prompt_messages(p.prompt), p.rejected), w)
+                 for p, w in zip(train.pairs, weights)]
+        items += [("point", rm.encode(prompt_messages(x.prompt), x.completion), x.label, w)
+                  for x, w in zip(train.pointwise, weights[len(train.pairs):])]
+    else:  # each example read for its group and for "any" (once when it has no group)
+        items = [("pair", rm.encode(prompt_messages(p.prompt), p.chosen, g), rm.encode(prompt_messages(p.prompt), p.rejected, g), w)
+                 for p, w in zip(train.pairs, weights) for g in _reads(p)]
+        items += [("point", rm.encode(prompt_messages(x.prompt), x.completion, g), x.label, w)
+                  for x, w in zip(train.pointwise, weights[len(train.pairs):]) for g in _reads(x)]
     bs = reward_args.reward_batch_size
     mbs = min(reward_args.reward_micro_batch_size, bs)
     steps_per_epoch = math.ceil(len(items) / bs)
@@ -442,6 +518,16 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
         "seconds": time.perf_counter() - started,
         "normalizer": {"mean": rm.mean, "std": rm.std, "n": rm.n},
     }
+    if rm.condition_on_profile:
+        by_profile = evaluate_pairs(rm, val.pairs, reward_args.reward_eval_batch_size, with_profile=True)
+        metrics.update({
+            "val_accuracy_by_profile": by_profile["accuracy"],
+            "val_accuracy_by_profile_lo": by_profile["lo"],
+            "val_accuracy_by_profile_hi": by_profile["hi"],
+            "val_pointwise_accuracy_by_profile": evaluate_pointwise(rm, val.pointwise, reward_args.reward_eval_batch_size, with_profile=True)["accuracy"],
+            "train_examples_by_profile": dict(Counter(x.profile or ANY_PROFILE for x in [*train.pairs, *train.pointwise])),
+        })
+        metrics["seconds"] = time.perf_counter() - started
     return rm, metrics
 
 
@@ -458,7 +544,7 @@ def save(reward_dir: str | Path, reward_model: RewardModel, manifest: dict) -> s
     The caller's `manifest` should carry what only it knows: `feedback_ids` (the id
     range per feedback table used), `counts` (feedback rows by kind), `metrics` (from
     fit) and `reward_args`. This adds version, created_at, base_model, quantize,
-    max_length and the normaliser. Written under a temporary name, fsynced, renamed."""
+    max_length, condition_on_profile (how the model reads its input) and the normaliser. Written under a temporary name, fsynced, renamed."""
     d = Path(reward_dir)
     d.mkdir(parents=True, exist_ok=True)
     existing = versions(d)
@@ -482,6 +568,7 @@ def save(reward_dir: str | Path, reward_model: RewardModel, manifest: dict) -> s
             "base_model": reward_model.model_name,
             "quantize": reward_model.quantize,
             "max_length": reward_model.max_length,
+            "condition_on_profile": reward_model.condition_on_profile,
             "normalizer": normalizer,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, default=str))
@@ -508,7 +595,8 @@ def load(reward_dir: str | Path, model_args: ModelArgs, version: str | None = No
     """Load a saved reward model (None = the latest) on the base `model_args` names.
 
     Refuses, before loading any weights, a version that is incomplete or was trained
-    on a different base model."""
+    on a different base model. The manifest's `condition_on_profile` says whether the
+    model reads a profile message before the conversation (absent: it does not)."""
     d = Path(reward_dir)
     if version is None:
         saved = versions(d)
@@ -537,4 +625,5 @@ def load(reward_dir: str | Path, model_args: ModelArgs, version: str | None = No
     head.requires_grad_(False)
     normalizer = json.loads((path / NORMALIZER_FILE).read_text())
     model.eval()
-    return RewardModel(model, head, tokenizer, model_args.model, quantize, manifest["max_length"], normalizer["mean"], normalizer["std"], normalizer["n"])
+    return RewardModel(model, head, tokenizer, model_args.model, quantize, manifest["max_length"], normalizer["mean"], normalizer["std"], normalizer["n"],
+                       condition_on_profile=bool(manifest.get("condition_on_profile", False)))  # absent: fitted before profiles existed

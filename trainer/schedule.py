@@ -302,7 +302,7 @@ def gather(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, 
         result.decision = "waiting"
         return None
     _phase(lock, "reward")
-    fit = steps.fit_reward_pair(model_args, reward_args, snapshot, examples, progress=progress)
+    fit = steps.fit_reward_pair(model_args, reward_args, snapshot, examples, progress=progress, annotator_floor=data_args.annotator_floor)
     result.reward_version, result.judge_version = fit.policy_version, fit.judge_version
     result.signal.update(fit.signal)
     result.reasons = gate.fit_reasons(fit.signal, sched)

@@ -13,6 +13,12 @@ fitted on the other half of the feedback and PPO never sees it; each model is
 validated on the half it did not see, and the two together give a cross-fitted
 accuracy on every pair. What it is not: the decision (trainer/gate.py) or the order
 of the steps (trainer/schedule.py).
+
+With --reward-condition-on-profile the reward models fit on the feedback merged per
+rater profile group (build_examples(by_profile=True)); in a cycle each of those
+examples stays in the fold its prompt is in, so the folds stay disjoint and the policy
+step (DPO, KTO, SFT on fold A) and the gate (fold B) see the same split. PPO and the
+judge score for "any" profile.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from assistant.annotators import DEFAULT_FLOOR
 from assistant.config import ModelArgs
 from trainer.config import DataArgs, PolicyArgs, PPOArgs, RewardArgs
 
@@ -63,7 +70,7 @@ def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
     from trainer.data import build_examples, split
 
     snapshot = _snapshot(data_args, snapshot)
-    examples = build_examples(snapshot, data_args.annotator_floor)
+    examples = build_examples(snapshot, data_args.annotator_floor, by_profile=reward_args.reward_condition_on_profile)
     train, val = split(examples, data_args.val_fraction, data_args.split_seed)
     started = time.perf_counter()
     rm, metrics = reward.fit(model_args, reward_args, train, val, progress=progress)
@@ -76,6 +83,29 @@ def folds(examples):
     from trainer.data import split
 
     return split(examples, 0.5, FOLD_SEED)
+
+
+def profile_folds(snapshot, fold_a, fold_b, annotator_floor: float = DEFAULT_FLOOR):
+    """(A, B, all): the snapshot's examples merged per rater profile group, each in the
+    fold (of `folds` of the examples merged over everyone) that holds its prompt.
+
+    Merging per group makes finer examples, which `folds` could split differently; by
+    prompt, every group's view of a prompt lands where the merged examples did, and the
+    reward models, the policy step and the gate keep one split between them."""
+    from trainer.data import Examples, Pair, build_examples
+
+    side = {ex.prompt: 0 for ex in [*fold_a.pairs, *fold_a.pointwise]}
+    side.update({ex.prompt: 1 for ex in [*fold_b.pairs, *fold_b.pointwise]})
+    grouped = build_examples(snapshot, annotator_floor, by_profile=True)
+    parts = (Examples(), Examples())
+    for ex in [*grouped.pairs, *grouped.pointwise]:
+        if ex.prompt not in side:
+            raise ValueError("a per-profile example's prompt is in neither fold: the folds were not built from this snapshot "
+                             f"at annotator floor {annotator_floor} (pass the --annotator-floor the examples were built with)")
+        part = parts[side[ex.prompt]]
+        (part.pairs if isinstance(ex, Pair) else part.pointwise).append(ex)
+        part.contradictions += ex.against > 0
+    return parts[0], parts[1], grouped
 
 
 @dataclass
@@ -91,18 +121,28 @@ class CrossFit:
     signal: dict  # val_pairs, val_correct, val_accuracy, val_accuracy_lo, val_accuracy_hi, per model
 
 
-def fit_reward_pair(model_args: ModelArgs, reward_args: RewardArgs, snapshot, examples, progress: bool = True) -> CrossFit:
+def fit_reward_pair(model_args: ModelArgs, reward_args: RewardArgs, snapshot, examples, progress: bool = True,
+                    annotator_floor: float = DEFAULT_FLOOR) -> CrossFit:
     """Fit the policy's reward model on fold A (validated on B) and the judge on fold B
     (validated on A, with another seed); save both. The pooled validation accuracy over
-    both folds, with its 95% Wilson interval, is `signal`."""
+    both folds, with its 95% Wilson interval, is `signal`.
+
+    `examples` are the snapshot's, merged over everyone; CrossFit's folds are theirs.
+    With --reward-condition-on-profile the models fit on `profile_folds` instead, built
+    at `annotator_floor` (the one `examples` were built with), and their validation
+    accuracy, hence `signal`, is that of the scores for "any", the ones PPO and the
+    judge use."""
     from trainer import reward
 
     fold_a, fold_b = folds(examples)
+    fit_a, fit_b, fit_examples = fold_a, fold_b, examples
+    if reward_args.reward_condition_on_profile:
+        fit_a, fit_b, fit_examples = profile_folds(snapshot, fold_a, fold_b, annotator_floor)
     fitted = {}
-    for role, train, val, seed in (("policy", fold_a, fold_b, reward_args.seed), ("judge", fold_b, fold_a, reward_args.seed + 1)):
+    for role, train, val, seed in (("policy", fit_a, fit_b, reward_args.seed), ("judge", fit_b, fit_a, reward_args.seed + 1)):
         started = time.perf_counter()
         rm, metrics = reward.fit(model_args, dataclasses.replace(reward_args, seed=seed), train, val, progress=progress)
-        manifest = _reward_manifest(snapshot, examples, train, val, metrics, reward_args, started, role=role,
+        manifest = _reward_manifest(snapshot, fit_examples, train, val, metrics, reward_args, started, role=role,
                                     fold="A" if role == "policy" else "B")
         fitted[role] = (reward.save(reward_args.reward_dir, rm, manifest), rm, metrics)
         log.info("reward model %s (%s, fold %s): val accuracy %s on %d pairs", fitted[role][0], role, manifest["fold"],

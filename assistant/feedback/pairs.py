@@ -20,6 +20,12 @@ server may import it.
   `weight`, the sum of its supporters' weights over the number of judgements on it
   (the agreement share when everyone weighs 1). Gold answers and repeats measure
   people and are never examples themselves; a repeat does not count twice.
+- Who judged can also tell whose taste it is: with `by_profile=True`, judgements are
+  merged per rater profile group as well (the profile people give at sign-up,
+  normalised as the dashboard groups it: `annotators.normalise_profile`), so a
+  physician's and a novice's opposite choices on the same replies stay two examples,
+  each carrying its `profile`, instead of cancelling out in one. The reward model can
+  be conditioned on it (trainer/reward.py, `--reward-condition-on-profile`).
 
 What it is not: the train/validation split, imports of public data sets and prompt
 sets (trainer/data.py), tokenising or training (trainer/). It only reads.
@@ -59,6 +65,9 @@ class Pair:
     # Training weight: the supporters' reliability weights summed, over the judgements.
     # Not part of ==: two pairs that say the same thing are equal, whoever said it.
     weight: float = field(default=1.0, compare=False)
+    # The raters' profile group when merged per group (build_examples(by_profile=True));
+    # "" when merged over everyone, and for imported pairs.
+    profile: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class Pointwise:
     against: int = 0
     conversation_ids: tuple = ()
     weight: float = field(default=1.0, compare=False)  # as Pair.weight
+    profile: str = ""  # as Pair.profile
 
 
 @dataclass
@@ -81,7 +91,7 @@ class Examples:
     pairs: list[Pair] = field(default_factory=list)
     pointwise: list[Pointwise] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # feedback rows used, by kind ("excluded": left out)
-    contradictions: int = 0  # (prompt, reply pair) keys with judgements both ways
+    contradictions: int = 0  # (prompt, reply pair[, profile group]) keys with judgements both ways
     excluded_users: dict[str, str] = field(default_factory=dict)  # name -> why their feedback was left out
 
 
@@ -123,6 +133,7 @@ class Snapshot:
     corrections: list[dict]  # {id, reply_id, text, user_id}: text is the edited reply
     rankings: list[dict]  # {id, reply_ids, user_id}: reply_ids best first
     users: dict[int, str] = field(default_factory=dict)  # id -> name, every user
+    profiles: dict[int, str] = field(default_factory=dict)  # id -> profile as stored ("" for none), every user
     checks: dict[int, Any] = field(default_factory=dict)  # user id -> annotators.Checks, answers up to check_bounds
     check_bounds: dict[str, int] = field(default_factory=dict)  # highest gold_answers / repeat_answers ids read
 
@@ -201,7 +212,9 @@ def snapshot_in(db: Any, db_path: str | os.PathLike, since: dict[str, int] | Non
     check_bounds = annotators.check_bounds(db)
     return Snapshot(path=str(db_path), bounds=bounds, replies=replies, votes=votes,
                     comparisons=comparisons, corrections=corrections, rankings=rankings,
-                    users=annotators.read_names(db), checks=annotators.read_checks(db, check_bounds),
+                    users=annotators.read_names(db),
+                    profiles={uid: profile or "" for uid, profile in db.execute("SELECT id, profile FROM users ORDER BY id").fetchall()},
+                    checks=annotators.read_checks(db, check_bounds),
                     check_bounds=check_bounds)
 
 
@@ -241,7 +254,7 @@ def _merge(judgements: list[tuple]) -> tuple[Any, int, int, str, tuple, float]:
     return direction, support, len(judgements) - support, kind, every, tally[direction] / len(judgements)
 
 
-def build_examples(snapshot: Snapshot, annotator_floor: float = annotators.DEFAULT_FLOOR) -> Examples:
+def build_examples(snapshot: Snapshot, annotator_floor: float = annotators.DEFAULT_FLOOR, by_profile: bool = False) -> Examples:
     """Every kind of feedback in `snapshot` → pairs and pointwise labels.
 
     comparison a/b → Pair (kind "comparison"); tie → nothing (counted as "tie");
@@ -260,11 +273,18 @@ def build_examples(snapshot: Snapshot, annotator_floor: float = annotators.DEFAU
     supporters' weights summed over the number of judgements (for an up- vs down-vote
     pair: the smaller of its two replies' label weights). A judgement between two
     replies with the same text is skipped ("same_text").
+
+    by_profile: merge per rater profile group too, i.e. per (prompt, {reply texts},
+    group) and (prompt, reply text, group), and pair up- with down-voted replies within
+    a group; every example's `profile` is its group (`annotators.normalise_profile` of
+    the rater's current profile, "(no profile)" for people who gave none), "" for the
+    pairs imported from data sets (their user's profile names a file, not a person).
+    Without it every `profile` is "" and the examples are the merge over everyone.
     """
     annotators.check_floor(annotator_floor)
     counts = dict.fromkeys(COUNT_KINDS, 0)
-    pair_judgements: dict[tuple, list] = {}  # (prompt, text, text) sorted -> [(chosen text, kind, convs, weight)]
-    point_judgements: dict[tuple, list] = {}  # (prompt, text) -> [(label, kind, convs, weight)]
+    pair_judgements: dict[tuple, list] = {}  # (prompt, text, text sorted, group) -> [(chosen text, kind, convs, weight)]
+    point_judgements: dict[tuple, list] = {}  # (prompt, text, group) -> [(label, kind, convs, weight)]
     replies = snapshot.replies
     people = annotators.weights(snapshot.checks, snapshot.users, annotator_floor)
     excluded_users: dict[str, str] = {}
@@ -278,16 +298,22 @@ def build_examples(snapshot: Snapshot, annotator_floor: float = annotators.DEFAU
             return None
         return w.weight
 
-    def prefer(better: dict, worse: dict, kind: str, w: float) -> None:
+    def group_of(user_id: int) -> str:
+        """The profile group the author's judgements are merged in ("" = everyone's)."""
+        if not by_profile or snapshot.users.get(user_id) == annotators.IMPORT_USER:
+            return ""
+        return annotators.normalise_profile(snapshot.profiles.get(user_id))
+
+    def prefer(better: dict, worse: dict, kind: str, w: float, group: str) -> None:
         if better["text"] == worse["text"]:
             counts["same_text"] += 1
             return
-        key = (better["prompt"], *sorted((better["text"], worse["text"])))
+        key = (better["prompt"], *sorted((better["text"], worse["text"])), group)
         convs = tuple(dict.fromkeys((better["conversation_id"], worse["conversation_id"])))
         pair_judgements.setdefault(key, []).append((better["text"], kind, convs, w))
 
-    def label(reply: dict, value: int, kind: str, w: float) -> None:
-        key = (reply["prompt"], reply["text"])
+    def label(reply: dict, value: int, kind: str, w: float, group: str) -> None:
+        key = (reply["prompt"], reply["text"], group)
         point_judgements.setdefault(key, []).append((value, kind, (reply["conversation_id"],), w))
 
     both_bad = []
@@ -297,18 +323,18 @@ def build_examples(snapshot: Snapshot, annotator_floor: float = annotators.DEFAU
         a, b = replies[c["reply_a_id"]], replies[c["reply_b_id"]]
         if c["choice"] in ("a", "b"):
             counts["comparison"] += 1
-            prefer(*((a, b) if c["choice"] == "a" else (b, a)), "comparison", w)
+            prefer(*((a, b) if c["choice"] == "a" else (b, a)), "comparison", w, group_of(c["user_id"]))
         elif c["choice"] == "tie":
             counts["tie"] += 1
         else:
             counts["both_bad"] += 1
-            both_bad += [(a, w), (b, w)]
+            both_bad += [(a, w, group_of(c["user_id"])), (b, w, group_of(c["user_id"]))]
     for c in snapshot.corrections:
         if (w := weight_of(c["user_id"])) is None:
             continue
         counts["correction"] += 1
         original = replies[c["reply_id"]]
-        prefer({**original, "text": c["text"]}, original, "correction", w)
+        prefer({**original, "text": c["text"]}, original, "correction", w, group_of(c["user_id"]))
     for r in snapshot.rankings:
         if (w := weight_of(r["user_id"])) is None:
             continue
@@ -316,40 +342,40 @@ def build_examples(snapshot: Snapshot, annotator_floor: float = annotators.DEFAU
         ranked = [replies[rid] for rid in r["reply_ids"]]
         for i, better in enumerate(ranked):
             for worse in ranked[i + 1:]:
-                prefer(better, worse, "ranking", w)
+                prefer(better, worse, "ranking", w, group_of(r["user_id"]))
 
-    # Thumbs: pointwise labels, then up- vs down-voted replies to the same prompt.
-    votes_on: dict[tuple, list] = {}  # (prompt, text) -> [(label, kind, convs, weight)], votes only
+    # Thumbs: pointwise labels, then up- vs down-voted replies to the same prompt (in one group).
+    votes_on: dict[tuple, list] = {}  # (prompt, text, group) -> [(label, kind, convs, weight)], votes only
     first_reply: dict[tuple, dict] = {}
     for v in snapshot.votes:
         if v["value"] == 0 or (w := weight_of(v["user_id"])) is None:
             continue
         counts["thumbs_up" if v["value"] == 1 else "thumbs_down"] += 1
         reply = replies[v["reply_id"]]
-        key = (reply["prompt"], reply["text"])
+        key = (reply["prompt"], reply["text"], group_of(v["user_id"]))
         votes_on.setdefault(key, []).append((int(v["value"] == 1), "thumbs", (reply["conversation_id"],), w))
         first_reply.setdefault(key, reply)
-    by_prompt: dict[tuple, tuple[list, list]] = {}  # prompt -> (up-voted (reply, weight)s, down-voted ones)
+    by_prompt: dict[tuple, tuple[list, list]] = {}  # (prompt, group) -> (up-voted (reply, weight)s, down-voted ones)
     for key, judgements in votes_on.items():
         merged = _merge(judgements)
-        by_prompt.setdefault(key[0], ([], []))[0 if merged[0] else 1].append((first_reply[key], merged[5]))
-    for ups, downs in by_prompt.values():
+        by_prompt.setdefault((key[0], key[2]), ([], []))[0 if merged[0] else 1].append((first_reply[key], merged[5]))
+    for (_, group), (ups, downs) in by_prompt.items():
         for better, w_up in ups:
             for worse, w_down in downs:
-                prefer(better, worse, "thumbs", min(w_up, w_down))
-    for reply, w in both_bad:
-        label(reply, 0, "both_bad", w)
+                prefer(better, worse, "thumbs", min(w_up, w_down), group)
+    for reply, w, group in both_bad:
+        label(reply, 0, "both_bad", w, group)
     for key, judgements in votes_on.items():
         point_judgements.setdefault(key, []).extend(judgements)
 
     examples = Examples(counts=counts, excluded_users=excluded_users)
-    for (prompt, text_1, text_2), judgements in pair_judgements.items():
+    for (prompt, text_1, text_2, group), judgements in pair_judgements.items():
         chosen, support, against, kind, convs, weight = _merge(judgements)
         rejected = text_2 if chosen == text_1 else text_1
-        examples.pairs.append(Pair(prompt, chosen, rejected, convs[0], kind, support, against, convs, weight))
+        examples.pairs.append(Pair(prompt, chosen, rejected, convs[0], kind, support, against, convs, weight, group))
         examples.contradictions += against > 0
-    for (prompt, text), judgements in point_judgements.items():
+    for (prompt, text, group), judgements in point_judgements.items():
         value, support, against, kind, convs, weight = _merge(judgements)
-        examples.pointwise.append(Pointwise(prompt, text, value, convs[0], kind, support, against, convs, weight))
+        examples.pointwise.append(Pointwise(prompt, text, value, convs[0], kind, support, against, convs, weight, group))
         examples.contradictions += against > 0
     return examples
