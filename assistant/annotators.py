@@ -124,7 +124,7 @@ def reliability(checks: Checks, prior_skill: float = PRIOR_SKILL, strength: floa
     return (g * wg + r * wr) / (wg + wr)
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval (95% for z = 1.96) of successes / n; (0, 1) when n = 0."""
     if n == 0:
         return 0.0, 1.0

@@ -30,7 +30,6 @@ import random
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,41 +40,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, SYSTEM, machine, percentile, seed_tasks, task_prompt, write_results  # noqa: E402
-from tests.server import ROOT, free_port  # noqa: E402
+from tests.server import free_port, start_app, stop_app  # noqa: E402
 
 PASSWORD = "load test password 1"
 FEEDBACK_TABLES = ("votes", "vote_events", "comparisons", "rankings", "corrections")
 WAIT = re.compile(r"try again in (\d+) s")
-
-
-def start_app(args: list[str], port: int, log_path: Path, timeout: float = 300) -> subprocess.Popen:
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--no-trainer", *args],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"app did not come up in {timeout} s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def stop_app(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def counts(db: Path) -> dict[str, int]:
@@ -262,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [f"user{i:03d}" for i in range(ns.users)]
     recorded: dict[str, int] = {}  # per user: votes answered "recorded", over the phases so far
 
-    proc = start_app(app_args, port, log_path)
+    proc = start_app(*app_args, port=port, timeout=300, log_path=log_path)
     try:
         if "load" not in skip:
             print(f"load: {ns.users} users for {ns.minutes} min", flush=True)
@@ -283,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             killed_at = time.monotonic() - t0
             for u in users:
                 u.join(timeout=60)
-            proc = start_app(app_args, port, log_path)
+            proc = start_app(*app_args, port=port, timeout=300, log_path=log_path, append=True)
             con = sqlite3.connect(db)
             integrity = con.execute("PRAGMA integrity_check").fetchone()[0]
             con.close()

@@ -37,20 +37,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from assistant import annotators
 from assistant.config import BASE_VERSION, ModelArgs
 from trainer.config import PPOArgs, ScheduleArgs
 
 
 def wilson(successes: float, n: int) -> tuple[float, float, float]:
     """(rate, lo, hi) with the 95% Wilson interval; n = 0 gives (nan, 0, 1)."""
-    if n == 0:
-        return float("nan"), 0.0, 1.0
-    z = 1.96
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = annotators.wilson(successes, n)
+    return (successes / n if n else float("nan")), lo, hi
 
 
 # -- 1. enough signal ------------------------------------------------------------------
