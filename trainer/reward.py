@@ -353,6 +353,15 @@ def normalize(reward_model: RewardModel, prompts: list[list[dict]], replies: lis
 # -- fitting ---------------------------------------------------------------------
 
 
+def _batch_rewards(rm: RewardModel, pairs: list, points: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Differentiable raw rewards of encoded items in one forward pass: (chosen (P,),
+    rejected (P,), pointwise (Q,)). Items as in `_batch_loss`."""
+    seqs = [b[1] for b in pairs] + [b[2] for b in pairs] + [b[1] for b in points]
+    input_ids, attention_mask = pad_right(seqs, rm.tokenizer.pad_token_id, rm.device)  # (2P + Q, T)
+    rewards = rm.rewards(input_ids, attention_mask)  # (2P + Q,)
+    return tuple(rewards.split([len(pairs), len(pairs), len(points)]))
+
+
 def _batch_loss(rm: RewardModel, batch: list, pointwise_weight: float) -> tuple[torch.Tensor, int, int]:
     """Loss of one mixed batch of encoded examples, in one forward pass: chosen,
     rejected and pointwise sequences concatenated along the batch.
@@ -361,11 +370,8 @@ def _batch_loss(rm: RewardModel, batch: list, pointwise_weight: float) -> tuple[
     Returns (loss, correct pairs, pairs)."""
     pairs = [b for b in batch if b[0] == "pair"]
     points = [b for b in batch if b[0] == "point"]
-    seqs = [b[1] for b in pairs] + [b[2] for b in pairs] + [b[1] for b in points]
-    input_ids, attention_mask = pad_right(seqs, rm.tokenizer.pad_token_id, rm.device)  # (2P + Q, T)
-    rewards = rm.rewards(input_ids, attention_mask)  # (2P + Q,)
-    rewards_chosen, rewards_rejected, rewards_point = rewards.split([len(pairs), len(pairs), len(points)])
-    loss = rewards.new_zeros(())
+    rewards_chosen, rewards_rejected, rewards_point = _batch_rewards(rm, pairs, points)
+    loss = rewards_chosen.new_zeros(()) if pairs else rewards_point.new_zeros(())
     correct = 0
     if pairs:
         loss = loss + pairwise_loss(rewards_chosen, rewards_rejected, torch.tensor([b[3] for b in pairs]))
