@@ -3,7 +3,8 @@
 What it is: `Engine`, a single background thread that owns the model. Requests
 from any number of UI sessions are tokenised in the caller's thread, queued, and
 joined into one running batch between decode steps (continuous batching over a
-left-padded KV cache). Each new token is pushed to that request's `Stream`, which
+left-padded KV cache; assistant/kvcache.py keeps it in preallocated buffers so that a
+step, a join or a retirement copies only what changes). Each new token is pushed to that request's `Stream`, which
 the caller iterates for text deltas.
 
 Because only the engine thread ever touches the model, the thread itself is the
@@ -32,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from assistant.config import BASE_VERSION
+from assistant.kvcache import SlackCache
 from assistant.model import Policy, SlotBank
 
 log = logging.getLogger(__name__)
@@ -210,7 +212,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor)
 class Engine:
     """Continuous-batching generator that owns the policy on one thread."""
 
-    def __init__(self, policy: Policy, max_batch: int = 8, max_queue: int = 64, adapter_slots: int = 6):
+    def __init__(self, policy: Policy, max_batch: int = 8, max_queue: int = 64, adapter_slots: int = 6, kv_cache: str = "slack"):
+        """kv_cache: "slack" (assistant/kvcache.py) or "dynamic" (transformers' DynamicCache,
+        grown by concatenation; kept to measure the other against)."""
+        if kv_cache not in ("slack", "dynamic"):
+            raise ValueError(f"kv_cache must be 'slack' or 'dynamic', got {kv_cache!r}")
+        self.kv_cache = kv_cache
         self.policy = policy
         while len(policy.slots) < adapter_slots:  # before the engine thread runs: adding one adds modules
             policy.add_slot()
@@ -458,7 +465,7 @@ class Engine:
             mask[i, longest - n :] = 1
         ids, mask = ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
-        cache = DynamicCache()
+        cache = SlackCache() if self.kv_cache == "slack" else DynamicCache()
         logits = self._forward(ids, mask, position_ids, cache, [r.stream.version for r in rows])
         self._sample_into(rows, logits)
         self._merge(rows, cache, mask)
@@ -479,9 +486,12 @@ class Engine:
             shape[dim] = missing
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([pad(old.keys, 2), pad(new.keys, 2)], dim=0)  # (B, H, T, D)
-            old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)], dim=0)
+        if isinstance(self._cache, SlackCache):  # copies only the new rows
+            self._cache.join(cache, self.max_batch)
+        else:
+            for old, new in zip(self._cache.layers, cache.layers):
+                old.keys = torch.cat([pad(old.keys, 2), pad(new.keys, 2)], dim=0)  # (B, H, T, D)
+                old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)], dim=0)
         self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)], dim=0)  # (B, T)
         self._rows = self._rows + rows
 
@@ -543,6 +553,9 @@ class Engine:
         self._mask = self._mask[index]
         start = int((self._mask.sum(0) > 0).nonzero()[0])  # drop padding columns no row needs
         self._mask = self._mask[:, start:]
+        if isinstance(self._cache, SlackCache):  # moves only the rows after a retired one
+            self._cache.keep(keep, start)
+            return
         for layer in self._cache.layers:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]

@@ -4,6 +4,8 @@
     .venv/bin/python bench/reward.py --pairs 48 --val-pairs 64 --threads 1 --trl-first
     .venv/bin/python bench/reward.py                                          # every pair of the data set
     .venv/bin/python bench/reward.py --skip-trl                               # ours only
+    .venv/bin/python bench/reward.py --pairs 24 --val-pairs 64 --threads 1 --repeat 5   # 5 runs, order alternating: the median ratio
+    .venv/bin/python bench/reward.py --skip-trl --no-packing                  # ours, padded as TRL pads
 
 Needs the benchmark extras (`pip install -r requirements-bench.txt`: trl, datasets).
 
@@ -31,6 +33,9 @@ that neither side pays the one-off cost of the process's first pass. Then:
   (tokenising happens earlier, in the trainer's constructor); TRL's own
   `train_samples_per_second` is recorded too, and so are each loop's process CPU
   seconds and padded tokens (batches are shuffled differently, so padding differs);
+  ours packs each micro-batch (`RewardArgs.reward_packing`; `--no-packing` pads it),
+  and then records the tokens its packed rows computed (`packed_tokens`) beside the
+  tokens padding the same micro-batches would have computed (`padded_tokens`);
 - the time around each loop: model load, tokenising, and for ours the normalisation
   pass over the training replies;
 - validation accuracy (r_chosen > r_rejected) with its 95% Wilson interval on the same
@@ -46,6 +51,7 @@ import argparse
 import contextlib
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -149,6 +155,24 @@ def timed(module, name: str, marks: dict):
 
 
 @contextlib.contextmanager
+def recording_packs(module, name: str, packs: list):
+    """Wrap `module.name` (trainer.packing.pack) so each call appends (wall time, tokens
+    computed, tokens padding would compute) to `packs`; restored on exit."""
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        packed = original(*args, **kwargs)
+        packs.append((time.perf_counter(), packed.tokens, packed.padded_tokens))
+        return packed
+
+    setattr(module, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+@contextlib.contextmanager
 def recording_shapes(module, name: str, shapes: list):
     """Wrap `module.name` (a padder returning (input_ids, attention_mask)) so each call
     appends (wall time, B, T) to `shapes`; restored on exit."""
@@ -170,8 +194,10 @@ def run_ours(model_args: ModelArgs, reward_args: RewardArgs, train: list[Pair], 
     """fit() on `train` (no validation inside fit), then evaluate_pairs on `val`."""
     marks: dict = {}
     shapes: list = []
+    packs: list = []
     load_before = os.getloadavg()
-    with timed(reward, "build", marks), timed(reward, "normalize", marks), recording_shapes(reward, "pad_right", shapes):
+    with timed(reward, "build", marks), timed(reward, "normalize", marks), recording_shapes(reward, "pad_right", shapes), \
+            recording_packs(reward, "pack", packs):
         started = time.perf_counter()
         rm, metrics = reward.fit(model_args, reward_args, Examples(pairs=list(train)), Examples())
         fit_wall = time.perf_counter() - started
@@ -181,6 +207,9 @@ def run_ours(model_args: ModelArgs, reward_args: RewardArgs, train: list[Pair], 
     val_metrics = reward.evaluate_pairs(rm, val, reward_args.reward_eval_batch_size)
     val_seconds = time.perf_counter() - started
     loop_batches = [(b, t) for when, b, t in shapes if marks["build"][1] < when < marks["normalize"][0]]
+    loop_packs = [(n, padded) for when, n, padded in packs if marks["build"][1] < when < marks["normalize"][0]]
+    # packed: what padding the same micro-batches would compute, so that tokens/s compares with TRL's
+    padded_tokens = sum(padded for _, padded in loop_packs) + sum(b * t for b, t in loop_batches)
     load_seconds = marks["build"][1] - marks["build"][0]
     normalize_seconds = marks["normalize"][1] - marks["normalize"][0]
     results = {
@@ -190,8 +219,10 @@ def run_ours(model_args: ModelArgs, reward_args: RewardArgs, train: list[Pair], 
         # the loop plus tokenising and optimiser set-up, which take well under a second
         "loop_cpu_seconds": marks["normalize"][2] - marks["build"][3],
         "steps": metrics["steps"],
-        "padded_tokens": sum(b * t for b, t in loop_batches),
-        "padded_tokens_per_s": sum(b * t for b, t in loop_batches) / metrics["train_seconds"],
+        "packing": reward_args.reward_packing,
+        "packed_tokens": sum(n for n, _ in loop_packs) if loop_packs else None,
+        "padded_tokens": padded_tokens,
+        "padded_tokens_per_s": padded_tokens / metrics["train_seconds"],
         "train_loss_last_epoch": metrics["train_loss"],
         "train_accuracy_last_epoch": metrics["train_accuracy"],
         "fit_seconds": fit_wall,
@@ -400,7 +431,8 @@ def table(result: dict) -> list[str]:
         ("TRL's own train_samples_per_second", lambda r: f"{r['trl_train_samples_per_second']:.3f}" if r is trl else "–"),
         (f"loop seconds ({ours['steps']} steps of {result['args']['batch_size']} pairs)", lambda r: f"{r['loop_seconds']:.1f}"),
         ("loop process CPU seconds (all threads)", lambda r: f"{r['loop_cpu_seconds']:.1f}"),
-        ("padded tokens in the loop's batches / per second", lambda r: f"{r['padded_tokens']:,} / {r['padded_tokens_per_s']:.0f}"),
+        ("padded tokens in the loop's batches / per second", lambda r: f"{r['padded_tokens']:,} / {r['padded_tokens_per_s']:.0f}"
+         + (f" (packed: {r['packed_tokens']:,} computed)" if r.get("packed_tokens") else "")),
         ("model load seconds", lambda r: f"{r['load_seconds']:.1f}"),
         ("tokenise + set-up seconds", lambda r: f"{r['tokenize_and_setup_seconds']:.1f}" if r is ours else f"{r['trainer_init_seconds'] + r['truncate_seconds']:.1f}"),
         (f"normalisation pass seconds ({ours['normalize_replies']} replies)", lambda r: f"{r['normalize_seconds']:.1f}" if r is ours else "none"),
@@ -435,12 +467,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=RewardArgs.seed, help="seed of initialisation and shuffling, both sides")
     ap.add_argument("--quantize", default="auto", choices=("auto", "nf4", "int8", "none"), help="base-weight quantisation (ModelArgs.quantize), both sides")
     ap.add_argument("--skip-trl", action="store_true", help="run ours only")
+    ap.add_argument("--no-packing", action="store_true", help="ours pads every sequence of a micro-batch (reward_packing=False) "
+                                                               "instead of packing each pair's shared prompt once")
     ap.add_argument("--trl-first", action="store_true", help="run TRL before ours (to see whether the order matters)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of both sides, the order alternating from run to run; reports the median ratio")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads, both sides (default: torch's, one per core)")
     ap.add_argument("--no-warm-up", action="store_true", help="skip the untimed warm-up pass before the first side")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--out", default=str(RESULTS / "reward.json"))
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     if args.threads is not None:
         if args.threads < 1:
             ap.error("--threads must be at least 1")
@@ -457,6 +494,7 @@ def main() -> None:
         reward_max_length=args.max_length,
         seed=args.seed,
         min_pairs=1,
+        reward_packing=not args.no_packing,
     )
     reward_args.validate()
     resolve_model_path(model_args)  # prepares the default model once, before anything is timed
@@ -483,16 +521,24 @@ def main() -> None:
         print("\n== TRL: RewardTrainer ==", flush=True)
         return run_trl(model_args, reward_args, train, train_ids, val_ids, progress=not args.no_progress)
 
-    ours = trl = None
-    if args.skip_trl:
-        ours = ours_side()
-    elif args.trl_first:
-        trl = trl_side()
-        ours = ours_side()
-    else:
-        ours = ours_side()
-        trl = trl_side()
+    runs = []
+    for i in range(args.repeat):
+        trl_first = args.trl_first != (i % 2 == 1)  # alternate the order from run to run
+        ours = trl = None
+        if args.skip_trl:
+            ours = ours_side()
+        elif trl_first:
+            trl = trl_side()
+            ours = ours_side()
+        else:
+            ours = ours_side()
+            trl = trl_side()
+        runs.append({"ours": ours, "trl": trl, "order": "trl, ours" if trl_first and trl else "ours, trl" if trl else "ours",
+                     "ratio_pairs_per_s_ours_over_trl": ours["pairs_per_s"] / trl["pairs_per_s"] if trl else None})
+        if args.repeat > 1 and trl:
+            print(f"run {i + 1}/{args.repeat} ({runs[-1]['order']}): ours / TRL pairs/s = {runs[-1]['ratio_pairs_per_s_ours_over_trl']:.2f}x", flush=True)
 
+    ratios = [r["ratio_pairs_per_s_ours_over_trl"] for r in runs if r["trl"]]
     result = {
         "machine": machine(),
         "versions": library_versions(),
@@ -503,14 +549,19 @@ def main() -> None:
         "data": {**data_info, "train_pairs_used": len(train), "val_pairs_used": len(val)},
         "train_lengths": length_stats(train_ids),
         "val_lengths": length_stats(val_ids) if val_ids else None,
-        "ours": ours,
-        "trl": trl,
-        "order": "trl, ours" if args.trl_first and trl else "ours, trl" if trl else "ours",
-        "ratio_pairs_per_s_ours_over_trl": ours["pairs_per_s"] / trl["pairs_per_s"] if trl else None,
+        **runs[-1],
+        "runs": runs,
+        "median_ratio": statistics.median(ratios) if ratios else None,
     }
 
     print()
     print("\n".join(table(result)))
+    if len(runs) > 1 and ratios:
+        print("\n| run | order | ours / TRL pairs/s | val accuracy ours | val accuracy TRL |\n| --- | --- | --- | --- | --- |")
+        for i, r in enumerate(runs):
+            print(f"| {i + 1} | {r['order']} | {r['ratio_pairs_per_s_ours_over_trl']:.2f}x | {fmt_acc(r['ours']['val'])} | {fmt_acc(r['trl']['val'])} |")
+        print(f"\nmedian ours / TRL over {len(ratios)} runs: {result['median_ratio']:.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}); "
+              "the table above is the last run")
     ls = result["train_lengths"]
     print(f"\ntrain: {len(train)} pairs, {ls['tokens']:,} tokens (mean {ls['mean']:.0f}, max {ls['max']} per sequence), the same ids on both sides")
     print(f"wrote {write_results(args.out, result)}")

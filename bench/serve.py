@@ -8,6 +8,8 @@ Measures, through gradio_client (the real client of a Gradio app):
 - aggregate tokens/s of 4 and 8 concurrent users (each sending prompts back to
   back), and the ratio to 1 user
   (the baseline, measured in the same run),
+- on the engine alone (no web server): 1, 4 and 8 streams, and 1 stream against
+  `model.generate` on the same model, prompts and settings (alternating prompt by prompt),
 - p50/p99 latency of storing a vote with 32 concurrent writer threads, both
   directly on the FeedbackStore and end to end through the app's /vote endpoint.
 Token counts come from the replies table (what the engine generated), timings
@@ -82,17 +84,57 @@ def streams_round(url: str, db: Path, prompts: list[str], n: int, per_user: int,
     }
 
 
+def engine_vs_generate(engine, policy, conversations: list[list[dict]], params) -> dict:
+    """One stream: the Engine against `model.generate` on the same model (the base, no
+    adapter, as the engine serves it before any promotion), prompts and sampling
+    settings, alternating prompt by prompt so that drift in the machine's speed hits
+    both sides alike. Tokens/s of each side = its generated tokens / its wall time."""
+    import torch
+
+    from assistant.chat import build_prompt
+
+    model, tok = policy.model, policy.tokenizer
+    eos = model.generation_config.eos_token_id
+    sides = {"engine": [0, 0.0], "generate": [0, 0.0]}
+    with model.disable_adapter():  # warm-up of generate's path
+        model.generate(input_ids=torch.tensor([build_prompt(tok, conversations[0])]), do_sample=True, temperature=params.temperature,
+                       top_p=params.top_p, top_k=0, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+    for i, conv in enumerate(conversations):
+        torch.manual_seed(i)
+        t0 = time.perf_counter()
+        s = engine.submit(conv, params)
+        s.text()
+        sides["engine"][1] += time.perf_counter() - t0
+        sides["engine"][0] += s.reply.completion_tokens
+        ids = torch.tensor([build_prompt(tok, conv)])
+        torch.manual_seed(i)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), model.disable_adapter():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=params.temperature,
+                                 top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=eos)
+        sides["generate"][1] += time.perf_counter() - t0
+        sides["generate"][0] += out.shape[1] - ids.shape[1]
+    res = {name: {"tokens": n, "wall_s": w, "tokens_per_s": n / w} for name, (n, w) in sides.items()}
+    res["ratio_engine_over_generate"] = res["engine"]["tokens_per_s"] / res["generate"]["tokens_per_s"]
+    res["prompts"] = len(conversations)
+    print(f"1 stream, engine vs model.generate: {res['engine']['tokens_per_s']:.1f} vs {res['generate']['tokens_per_s']:.1f} tok/s "
+          f"= {res['ratio_engine_over_generate']:.2f}x ({len(conversations)} prompts each)", flush=True)
+    return res
+
+
 def engine_rounds(prompts: list[str], max_new_tokens: int, per_user: int) -> dict:
     """The same load on the Engine in this process, without the web server."""
     from assistant.chat import Engine, GenParams
     from assistant.config import ModelArgs
     from assistant.model import build_policy
 
-    engine = Engine(build_policy(ModelArgs()), max_batch=8)
+    policy = build_policy(ModelArgs())
+    engine = Engine(policy, max_batch=8)
     params = GenParams(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens)
     msgs = lambda p: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}]  # noqa: E731
     engine.submit(msgs("Say hi."), params).text()  # warm-up
-    out = {}
+    out = {"vs_generate": engine_vs_generate(engine, policy, [msgs(p) for p in prompts[:per_user * 2]], params)}
     for n in (1, 4, 8):
         used = prompts[: n * per_user]
         t0 = time.perf_counter()
@@ -220,6 +262,9 @@ def main() -> None:
         e1 = engine["1"]["tokens_per_s"]
         for n in ("1", "4", "8"):
             print(f"| engine only (no web server), {n} stream(s): tokens/s | {engine[n]['tokens_per_s']:.1f} ({engine[n]['tokens_per_s'] / e1:.2f}x) |")
+        g = engine["vs_generate"]
+        print(f"| 1 stream, engine vs `model.generate` (same model, prompts, settings): tokens/s | {g['engine']['tokens_per_s']:.1f} vs "
+              f"{g['generate']['tokens_per_s']:.1f} ({g['ratio_engine_over_generate']:.2f}x) |")
     print(f"| vote write, 32 writer threads on the store: p50 / p99 | {store_votes['p50_ms']:.2f} / {store_votes['p99_ms']:.2f} ms ({store_votes['stored_rows']} rows) |")
     print(f"| vote through the app, 32 clients: p50 / p99 | {app_votes['p50_ms']:.1f} / {app_votes['p99_ms']:.1f} ms |")
     print(f"\nwrote {write_results(args.out, result)}")

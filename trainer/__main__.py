@@ -20,13 +20,20 @@
 Settings are flags (dataclasses in assistant/config.py and trainer/config.py);
 errors name the flag to fix. Nothing here talks to the running chat server: the
 trainer only reads the feedback database and writes versioned directories.
+
+`reward` and `ppo` also run data-parallel, one process per GPU (trainer/distributed.py):
+
+    torchrun --nproc-per-node 2 -m trainer reward ...     # batch sizes stay global; rank 0 saves and prints
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +42,7 @@ from assistant.cycles import Busy
 from trainer.config import DataArgs, PolicyArgs, PPOArgs, RewardArgs, ScheduleArgs
 
 log = logging.getLogger("trainer")
+DATA_PARALLEL = ("reward", "ppo")  # the commands a torchrun launch may run, each process on its share of every batch
 
 
 def _non_negative_int(text: str) -> int:
@@ -81,10 +89,80 @@ def _locked_step(ns: argparse.Namespace, run):
     reason printed: 3 another cycle holds the lock, 2 bad input or settings (a loss
     that diverges names the flag to change), 1 PPO aborted on a non-finite value."""
     def locked():
-        with _manual_lock(ns):
+        with _launch_lock(ns) if getattr(ns, "launched", False) else _manual_lock(ns):
             return run()
 
     return _guarded(locked)
+
+
+@contextlib.contextmanager
+def _launch_lock(ns: argparse.Namespace):
+    """The cycle lock for a data-parallel launch: rank 0 holds it for every process and
+    tells the others whether it got it, so all of them start or none does (each sees
+    Busy); at the end they wait for each other, so none leaves before rank 0 has saved."""
+    from trainer import distributed
+
+    with contextlib.ExitStack() as stack:
+        busy = None
+        if distributed.is_main():
+            try:
+                stack.enter_context(_manual_lock(ns))
+            except Busy as exc:
+                busy = str(exc)
+        busy = distributed.broadcast_object(busy)
+        if busy is not None:
+            raise Busy(busy)
+        yield
+        distributed.barrier()
+
+
+def _rank0(ns: argparse.Namespace) -> bool:
+    """This process reports (progress bars, printed results): always, but in a data-parallel launch only rank 0."""
+    if not getattr(ns, "launched", False):
+        return True
+    from trainer import distributed
+
+    return distributed.is_main()
+
+
+def _shared_snapshot(ns: argparse.Namespace):
+    """In a data-parallel launch, the feedback snapshot read once, by rank 0, and sent to
+    every process, so all of them train on the same rows (the app may write between two
+    reads, and other nodes need no copy of the database); an error reading it is raised
+    on every process alike. Outside a launch None: the step reads the snapshot itself."""
+    if not getattr(ns, "launched", False):
+        return None
+    from trainer import distributed
+    from trainer.data import read_snapshot
+
+    snapshot = error = None
+    if distributed.is_main() and Path(ns.data_args.db).exists():
+        try:
+            snapshot = read_snapshot(ns.data_args.db)
+        except Exception as exc:  # handed to every process below, then raised there
+            error = exc
+    snapshot, error = distributed.broadcast_object((snapshot, error))
+    if error is not None:
+        raise error
+    return snapshot
+
+
+def _join_launch(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Under torchrun with more than one process: refuse a command that does not run
+    data-parallel, put each process on its own GPU (--device auto or cuda), join the
+    process group. Processes other than rank 0 log warnings only."""
+    from trainer import distributed
+
+    if not distributed.launched():
+        return
+    if ns.command not in DATA_PARALLEL:
+        getattr(ns, "subparser", parser).error(f"`{ns.command}` runs as one process, not under torchrun; only "
+                                               f"{' and '.join(DATA_PARALLEL)} run data-parallel (use `python -m trainer {ns.command}`)")
+    ns.model_args = dataclasses.replace(ns.model_args, device=distributed.local_device(ns.model_args.device))
+    distributed.init(ns.model_args.device)
+    ns.launched = True
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def _guarded(run):
@@ -113,10 +191,12 @@ def cmd_reward(ns: argparse.Namespace) -> int:
     from trainer.steps import fit_reward
 
     reward_args = ns.reward_args
-    out, rc = _locked_step(ns, lambda: fit_reward(ns.model_args, ns.data_args, reward_args))
+    out, rc = _locked_step(ns, lambda: fit_reward(ns.model_args, ns.data_args, reward_args, progress=_rank0(ns), snapshot=_shared_snapshot(ns)))
     if out is None:
         return rc
     version, manifest, _ = out
+    if version is None:  # another process of a data-parallel launch: rank 0 saved and reports
+        return 0
     m = manifest["metrics"]
     print(f"reward model {version} saved under {reward_args.reward_dir}")
     print(f"  feedback ids used: {json.dumps(manifest['feedback_ids'])}")
@@ -170,10 +250,13 @@ def cmd_reward_eval(ns: argparse.Namespace) -> int:
 def cmd_ppo(ns: argparse.Namespace) -> int:
     from trainer.steps import run_ppo
 
-    out, rc = _locked_step(ns, lambda: run_ppo(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args))
+    out, rc = _locked_step(ns, lambda: run_ppo(ns.model_args, ns.data_args, ns.reward_args, ns.ppo_args, progress=_rank0(ns),
+                                               snapshot=_shared_snapshot(ns)))
     if out is None:
         return rc
     version, manifest = out
+    if version is None:  # another process of a data-parallel launch: rank 0 published and reports
+        return 0
     last = manifest["metrics"][-1]
     print(f"candidate adapter {version} written to {ns.ppo_args.adapters_dir} (parent {manifest['parent']}, reward model {manifest['reward_model']}); "
           f"not promoted. {len(manifest['metrics'])} iterations, stop: {manifest['stop_reason']}; "
@@ -548,6 +631,8 @@ def main(argv=None) -> int:
             setattr(ns, names[cls], from_args(cls, ns))
     except ValueError as exc:
         getattr(ns, "subparser", parser).error(str(exc))  # usage of the subcommand, then exit 2
+    if "WORLD_SIZE" in os.environ:  # started by torchrun (checked first: importing torch costs seconds)
+        _join_launch(ns, parser)
     return ns.func(ns)
 
 

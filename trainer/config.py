@@ -47,6 +47,7 @@ class RewardArgs:
     reward_batch_size: int = _f(8, "pairs (or pointwise labels) per optimiser step")
     reward_micro_batch_size: int = _f(2, "pairs (or pointwise labels) per forward/backward pass; gradients accumulate to --reward-batch-size")
     reward_gradient_checkpointing: bool = _f(False, "recompute the LoRA layers' activations in the backward pass (less memory, more time; dropout on)")
+    reward_packing: bool = _f(True, "fit on packed micro-batches: each pair's shared prompt encoded once, no padding computed (same rewards); --no-reward-packing pads every sequence, as models whose attention cannot take a 4D mask do anyway")
     reward_max_length: int = _f(512, "tokens per (prompt + reply), truncated from the left of the prompt")
     pointwise_weight: float = _f(0.5, "weight of the pointwise (thumbs) loss next to the pairwise Bradley-Terry loss")
     min_pairs: int = _f(16, "fewest training pairs + pointwise labels a fit accepts; fewer is refused")
@@ -63,6 +64,8 @@ class RewardArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.reward_lora_layers < 0:
             raise ValueError(f"--reward-lora-layers must be >= 0, got {self.reward_lora_layers}")
+        if not isinstance(self.reward_packing, bool):
+            raise ValueError(f"--reward-packing must be true or false, got {self.reward_packing!r}")
         if self.reward_lr <= 0:
             raise ValueError(f"--reward-lr must be positive, got {self.reward_lr}")
         if self.pointwise_weight < 0:

@@ -134,14 +134,12 @@ def gate(evaluation: dict, finite_error: str | None, sched: ScheduleArgs) -> lis
 
 
 def load_pair(model_args: ModelArgs, adapters_dir, candidate: str, current: str):
-    """(tokenizer, peft model) with adapters 'candidate' and, unless current is the base, 'current'."""
-    from peft import PeftModel
-
-    from assistant.model import load_base
+    """(tokenizer, peft model) with adapters 'candidate' and, unless current is the base,
+    'current'; on the shared base of an open `trainer.shared.sharing` block, if any."""
+    from trainer.shared import adapter_model
 
     d = Path(adapters_dir)
-    tok, base = load_base(model_args)
-    model = PeftModel.from_pretrained(base, str(d / candidate), adapter_name="candidate")
+    tok, model = adapter_model(model_args, "candidate", path=d / candidate)
     if current != BASE_VERSION:
         model.load_adapter(str(d / current), adapter_name="current")
     model.eval()
@@ -150,11 +148,13 @@ def load_pair(model_args: ModelArgs, adapters_dir, candidate: str, current: str)
 
 def _logprobs_as(model, name: str, fn):
     """fn() with adapter `name` active ('base': adapters disabled)."""
+    from trainer.shared import using
+
     if name == BASE_VERSION:
         with model.disable_adapter():
             return fn()
-    model.set_adapter(name)
-    return fn()
+    with using(model, name):
+        return fn()
 
 
 def human_agreement(model, tok, pairs, current: str, max_pairs: int = 128, batch: int = 8) -> dict:
@@ -212,11 +212,20 @@ def evaluate(model_args: ModelArgs, adapters_dir, candidate: str, current: str, 
     top-p, capped at --eval-max-new-tokens. `judge_fn(prompts, texts) -> (B,)` scores.
     KL (k1, nats per reply, on the candidate's samples, logits at the sampling
     temperature) to the parent (current) and to the base."""
+    from trainer.shared import release
+
+    tok, model = load_pair(model_args, adapters_dir, candidate, current)
+    try:
+        return _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args, val_pairs, chunk)
+    finally:
+        release(model, "candidate", "current")
+
+
+def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args, val_pairs, chunk) -> dict:
     import torch
 
     from trainer import ppo
 
-    tok, model = load_pair(model_args, adapters_dir, candidate, current)
     prompts, queries = ppo.encode_prompts(tok, prompts, ppo_args.prompt_max_tokens)
     if not prompts:
         raise ValueError("no held-out prompts to evaluate on")

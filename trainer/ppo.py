@@ -28,6 +28,10 @@ the KL ignore the top-p truncation, as TRL's former PPO trainer did). State that
 carries over between cycles, the value head and the KL controller, is `PPOState`:
 saved with each adapter (`save_state`) and loaded by the next run (`load_state`).
 
+Under torchrun (trainer/distributed.py) each process rolls out its share of every
+batch and the statistics, minibatches and gradients are made global, so the run is
+the single-process one spread over the processes (`ppo_iteration`, `train`).
+
 What it is not: data loading or publishing (schedule.py and __main__.py do that).
 """
 
@@ -41,6 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from trainer import distributed
 
 # ------------------------------------------------------------------ pure math
 
@@ -61,9 +67,26 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise `x` to unit variance (and zero mean if `shift_mean`) over masked entries."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, all_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked_mean, unbiased masked_var) of `x`. With `all_reduce` (sums a tensor over
+    processes, in place: `distributed.all_reduce_sum`) they are those of every process's
+    masked entries together, in two passes like masked_var (mean first, then the squared
+    deviations from it), so a data-parallel run whitens with the global batch's statistics."""
+    if all_reduce is None:
+        return masked_mean(x, mask), masked_var(x, mask)
+    mask = mask.to(x.dtype)
+    sums = all_reduce(torch.stack([(x * mask).sum(), mask.sum()]))  # (2,): Σ x, n over every process
+    n = sums[1]
+    mean = sums[0] / n.clamp_min(1.0)
+    squares = all_reduce(((x - mean) ** 2 * mask).sum())
+    var = squares / n.clamp_min(1.0) * n / (n - 1).clamp_min(1.0)
+    return mean, var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce=None) -> torch.Tensor:
+    """Normalise `x` to unit variance (and zero mean if `shift_mean`) over masked entries
+    (of every process with `all_reduce`, as in masked_mean_var)."""
+    mean, var = masked_mean_var(x, mask, all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -142,9 +165,10 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    var_returns = masked_var(returns, mask)
-    return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else float("nan")
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, all_reduce=None) -> float:
+    """1 − Var(returns − values) / Var(returns) over masked entries (of every process with `all_reduce`)."""
+    var_returns = masked_mean_var(returns, mask, all_reduce)[1]
+    return float(1 - masked_mean_var(returns - values, mask, all_reduce)[1] / var_returns) if var_returns > 0 else float("nan")
 
 
 class AdaptiveKLController:
@@ -354,29 +378,43 @@ REFERENCE_ADAPTER = "reference"  # peft name of the frozen parent adapter in a P
 def reference(model, ref_adapter: str | None):
     """Run the reference policy inside the block: the frozen adapter `ref_adapter`, or
     the base with adapters disabled when it is None. The active adapter is restored after."""
+    from trainer.shared import using
+
     if ref_adapter is None:
         with model.disable_adapter():
             yield
         return
-    active = model.active_adapter
-    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.set_adapter(ref_adapter)
-    try:
+    with using(model, ref_adapter):
         yield
-    finally:
-        model.set_adapter(active)
-        for n, p in model.named_parameters():  # set_adapter marks the active adapter trainable; undo that
-            p.requires_grad_(trainable[n])
 
 
 def ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, reward_fn, cfg: PPOConfig, kl_ctl: AdaptiveKLController, eos_ids, pad_id,
                   ref_adapter: str | None = None):
     """One numbered PPO iteration. `reward_fn(prompts, texts) -> (B,) scores`. Returns metrics.
 
-    `ref_adapter` names the frozen adapter that is the reference policy (None: the base)."""
+    `ref_adapter` names the frozen adapter that is the reference policy (None: the base).
+
+    Launched data-parallel (trainer/distributed.py), `queries` and `prompts` are this
+    process's contiguous share of the global batch (`distributed.shard`, in rank order):
+    it rolls out, scores and evaluates its own rows; advantages are whitened with the
+    global batch's statistics and the KL controller moves on the global mean KL. Each
+    PPO epoch draws one permutation of the global batch (rank 0's) and every process
+    takes its rows of each minibatch; token-mean losses are divided by the minibatch's
+    global token count, so the gradients summed across processes (value head included)
+    are the single-process ones, and every process takes the same step (one with no
+    rows in a minibatch adds zeros). Metrics are those of the global batch. A non-finite
+    value on any process stops them all."""
     times = {}
     device = next(model.parameters()).device
     model.eval()  # dropout off for rollout, scoring and the update (the KL terms assume it)
+    if not queries:
+        raise ValueError("ppo_iteration: no prompts to roll out")
+    world, rank = distributed.world(), distributed.rank()
+    reduce = distributed.all_reduce_sum if world > 1 else None  # global statistics when data-parallel
+    sizes = torch.zeros(world, dtype=torch.long)
+    sizes[rank] = len(queries)
+    distributed.all_reduce_sum(sizes)  # (world,): rows per process
+    B, offset, local = int(sizes.sum()), int(sizes[:rank].sum()), len(queries)  # global batch; this process's rows are offset..offset+local
 
     # (1) roll out responses from prompts
     t = time.perf_counter()
@@ -387,85 +425,101 @@ def ppo_iteration(model, value_head, optimizer, tokenizer, queries, prompts, rew
     # (2) score with the reward model; replies that never ended lose the missing-EOS penalty
     t = time.perf_counter()
     raw_scores = reward_fn(prompts, ro.texts).to(device).float()  # (B,)
-    if not torch.isfinite(raw_scores).all():
+    if distributed.any_rank(not torch.isfinite(raw_scores).all()):
         raise NonFiniteError("non-finite reward scores; update skipped")
     scores = eos_penalised(raw_scores, ro.ended.to(device), cfg.missing_eos_penalty)
     times["time/score"] = time.perf_counter() - t
 
     # (3) per-token log-probs of policy and reference (the parent adapter, or the base), (5) values
     t = time.perf_counter()
+    fmask = mask.float()
     with torch.no_grad():
         old_logprobs, old_values, logits = forward_logprobs(model, value_head, queries, responses, mask, pad_id, cfg.temperature, True)
-        entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mask.float())
+        token_entropy = entropy_from_logits(logits, cfg.temperature)  # (B, T)
+        entropy = masked_mean(token_entropy, fmask)
         with reference(model, ref_adapter):
             ref_logprobs, _, _ = forward_logprobs(model, value_head, queries, responses, mask, pad_id, cfg.temperature, False)
-    if not (torch.isfinite(old_logprobs).all() and torch.isfinite(ref_logprobs).all()):
+    if distributed.any_rank(not (torch.isfinite(old_logprobs).all() and torch.isfinite(ref_logprobs).all())):
         raise NonFiniteError("non-finite log-probs in the rollout; update skipped")
-    fmask = mask.float()
     kl = kl_k1(old_logprobs, ref_logprobs) * fmask  # (B, T)
 
     # (4) rewards = score at the last token − kl_coef · KL per token
     rewards = per_token_rewards(scores, kl, fmask, kl_ctl.value)
     if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, fmask, shift_mean=False)
+        rewards = masked_whiten(rewards, fmask, shift_mean=False, all_reduce=reduce)
 
     # (6) GAE advantages and returns; whitened advantages
     advantages, returns = compute_gae(rewards, old_values, fmask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, fmask)
+    advantages = masked_whiten(advantages, fmask, all_reduce=reduce)
     times["time/reference"] = time.perf_counter() - t
 
     # (7) PPO epochs over mini-batches
     t = time.perf_counter()
     stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "vf_clipfrac": [], "approxkl": [], "ratio": []}
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
-    B = responses.shape[0]
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B)
+        order = distributed.broadcast(torch.randperm(B))  # one permutation of the global batch, rank 0's
         for start in range(0, B, cfg.mini_batch_size):
             idx = order[start : start + cfg.mini_batch_size]
-            mb_q = [queries[i] for i in idx.tolist()]
-            logprobs, values, _ = forward_logprobs(model, value_head, mb_q, responses[idx], mask[idx], pad_id, cfg.temperature, True)
+            idx = idx[(idx >= offset) & (idx < offset + local)] - offset  # this process's rows of the minibatch
             m = fmask[idx]
-            pg, clipfrac, approxkl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, cfg.cliprange)
-            vf, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], m, cfg.cliprange_value)
-            loss = pg + cfg.vf_coef * vf
-            if not torch.isfinite(loss):
+            n_tokens = distributed.all_reduce_sum(m.sum())  # the minibatch's tokens over every process
+            share = m.sum() / n_tokens.clamp_min(1.0)  # token means below are over the whole minibatch (1 in one process)
+            loss, mb_stats = None, torch.zeros(len(stats), device=device)
+            if len(idx):
+                mb_q = [queries[i] for i in idx.tolist()]
+                logprobs, values, _ = forward_logprobs(model, value_head, mb_q, responses[idx], mask[idx], pad_id, cfg.temperature, True)
+                pg, clipfrac, approxkl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, cfg.cliprange)
+                vf, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], m, cfg.cliprange_value)
+                with torch.no_grad():
+                    ratio = masked_mean(torch.exp(logprobs - old_logprobs[idx]), m)
+                loss = (pg + cfg.vf_coef * vf) * share
+                mb_stats = torch.stack([pg, vf, clipfrac, vf_clipfrac, approxkl, ratio]).detach() * share  # in the order of `stats`
+            distributed.all_reduce_sum(mb_stats)  # the minibatch's token means over every process
+            total = mb_stats[0] + cfg.vf_coef * mb_stats[1]
+            if not torch.isfinite(total):
                 optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"non-finite loss ({float(loss)}); update skipped")
+                raise NonFiniteError(f"non-finite loss ({float(total)}); update skipped")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss is not None:
+                loss.backward()
+            distributed.all_reduce_grads(params)  # the whole minibatch's gradient, the same on every process
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteError("non-finite gradient norm; update skipped")
             optimizer.step()
-            with torch.no_grad():
-                ratio = masked_mean(torch.exp(logprobs - old_logprobs[idx]), m)
-            for k, v in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac), ("approxkl", approxkl), ("ratio", ratio)):
-                stats[k].append(float(v.detach()))
+            for k, v in zip(stats, mb_stats.tolist()):
+                stats[k].append(v)
     times["time/update"] = time.perf_counter() - t
 
-    mean_kl = float((kl.sum(1)).mean())
+    gen_tokens, degenerate_count = int(mask.sum()), degenerate(ro.texts, ro.responses, ro.mask)
+    mean_kl, mean_raw, mean_scores = float((kl.sum(1)).mean()), float(raw_scores.mean()), float(scores.mean())
+    ended, entropy = float(ro.ended.float().mean()), float(entropy)
+    if world > 1:  # the global batch's figures, from every process's sums
+        sums = distributed.all_reduce_sum(torch.tensor([float(kl.sum()), float(raw_scores.sum()), float(scores.sum()), float(ro.ended.sum()),
+                                                        float((token_entropy * fmask).sum()), gen_tokens, degenerate_count], dtype=torch.float64))
+        mean_kl, mean_raw, mean_scores, ended = (float(x) / B for x in sums[:4])
+        entropy, gen_tokens, degenerate_count = float(sums[4] / sums[5].clamp_min(1.0)), int(sums[5]), int(sums[6])
     kl_ctl.update(mean_kl, B)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    gen_tokens = int(mask.sum())
     return {
-        "objective/scores": float(raw_scores.mean()),
-        "objective/scores_with_eos_penalty": float(scores.mean()),
+        "objective/scores": mean_raw,
+        "objective/scores_with_eos_penalty": mean_scores,
         "objective/kl": mean_kl,
         "objective/kl_coef": kl_ctl.value,
-        "objective/entropy": float(entropy),
+        "objective/entropy": entropy,
         "policy/approxkl": mean(stats["approxkl"]),
         "policy/clipfrac": mean(stats["clipfrac"]),
         "loss/policy": mean(stats["pg_loss"]),
         "loss/value": mean(stats["vf_loss"]),
         "val/ratio": mean(stats["ratio"]),
         "val/clipfrac": mean(stats["vf_clipfrac"]),
-        "val/explained_variance": explained_variance(old_values, returns, fmask),
+        "val/explained_variance": explained_variance(old_values, returns, fmask, all_reduce=reduce),
         "response/length": gen_tokens / B,
-        "response/ended": float(ro.ended.float().mean()),
-        "response/degenerate": degenerate(ro.texts, ro.responses, ro.mask),
-        "tokens_per_s/rollout": gen_tokens / max(times["time/rollout"], 1e-9),
+        "response/ended": ended,
+        "response/degenerate": degenerate_count,
+        "tokens_per_s/rollout": gen_tokens / max(times["time/rollout"], 1e-9),  # all processes' tokens, rolled out side by side
         **times,
         "samples": ro.texts[:2],
     }
@@ -510,20 +564,20 @@ def build_trainable_policy(model_args, parent_dir=None):
     from `parent_dir` (the adapter being served) when given, else fresh (identity).
 
     With a parent, the same weights are loaded a second time as the frozen adapter
-    REFERENCE_ADAPTER, the reference policy of the run (`train(..., ref_adapter=...)`)."""
-    from peft import PeftModel, get_peft_model
+    REFERENCE_ADAPTER, the reference policy of the run (`train(..., ref_adapter=...)`).
+    Inside a `trainer.shared.sharing` block both go on the block's shared base (beside
+    the reward model); release them with `trainer.shared.release` when done."""
+    from assistant.model import lora_config
+    from trainer.shared import adapter_model
 
-    from assistant.model import load_base, lora_config
-
-    tokenizer, base = load_base(model_args)
     if parent_dir is not None:
-        model = PeftModel.from_pretrained(base, str(parent_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+        tokenizer, model = adapter_model(model_args, POLICY_ADAPTER, path=parent_dir, trainable=True)
         model.load_adapter(str(parent_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        model.set_adapter(POLICY_ADAPTER)
-        for name, p in model.named_parameters():
-            p.requires_grad_(f".{POLICY_ADAPTER}." in name)
     else:
-        model = get_peft_model(base, lora_config(model_args), adapter_name=POLICY_ADAPTER)
+        tokenizer, model = adapter_model(model_args, POLICY_ADAPTER, config=lora_config(model_args))
+    model.set_adapter(POLICY_ADAPTER)
+    for name, p in model.named_parameters():  # only the policy trains; the reference and any reward model stay frozen
+        p.requires_grad_(f".{POLICY_ADAPTER}." in name)
     model.eval()
     return model, tokenizer
 
@@ -558,24 +612,34 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig
     `state` continues a previous run's value head and KL controller (a fresh one when
     None); `ref_adapter` is the frozen reference adapter (None: the base). Stops early
     when KL exceeds the ceiling; a non-finite value raises NonFiniteError after skipping
-    the update, so the caller keeps the last good adapter."""
+    the update, so the caller keeps the last good adapter.
+
+    Launched data-parallel (trainer/distributed.py), every process draws the same global
+    batch of `cfg.batch_size` prompts (the same seeded generator) and rolls out its
+    contiguous share of it, sampling with its own seed (seed + rank, so processes do
+    not draw the same noise); all start from rank 0's adapter and value head and take
+    the same optimiser steps (`ppo_iteration`)."""
     from tqdm import tqdm
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + distributed.rank())
     prompts, queries = encode_prompts(tokenizer, prompts, prompt_max_tokens)
     if not prompts:
         raise ValueError("no prompts to roll out (all empty or longer than --prompt-max-tokens)")
+    if cfg.batch_size < distributed.world():
+        raise ValueError(f"--ppo-batch-size {cfg.batch_size} is smaller than the {distributed.world()} processes launched; "
+                         "each needs at least one prompt per iteration")
     device = next(model.parameters()).device
     state = state or new_state(model.get_base_model().config.hidden_size, cfg, device)
     value_head, kl_ctl = state.value_head, state.kl_ctl
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    distributed.broadcast_params(params)  # a fresh adapter's LoRA A is random: start every process from rank 0's
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     eos_ids, pad_id = special_ids(model, tokenizer)
-    rng = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)  # the same on every process: they draw the same global batches
     history, stop = [], "completed"
     bar = tqdm(range(iterations), desc="ppo", unit="iter", disable=not progress)
     for it in bar:
-        pick = torch.randint(len(prompts), (cfg.batch_size,), generator=rng).tolist()
+        pick = distributed.shard(torch.randint(len(prompts), (cfg.batch_size,), generator=rng).tolist())  # this process's share
         metrics = ppo_iteration(model, value_head, optimizer, tokenizer, [queries[i] for i in pick], [prompts[i] for i in pick],
                                 reward_fn, cfg, kl_ctl, eos_ids, pad_id, ref_adapter)
         metrics["iteration"] = it + 1

@@ -65,16 +65,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from assistant import cycles
 from assistant.adapters import fsync_dir
 from assistant.config import ModelArgs
-from assistant.model import backbone, load_base, lora_config, resolve_device, resolve_quantize, scalar_head
+from assistant.model import backbone, lora_config, resolve_device, resolve_model_path, resolve_quantize, scalar_head
+from trainer import distributed, shared
 from trainer.config import RewardArgs
 from trainer.data import Examples, Pair, Pointwise, prompt_messages
+from trainer.packing import can_pack, model_mask, pack
 from trainer.gate import wilson
 
 log = logging.getLogger(__name__)
@@ -180,6 +183,7 @@ class RewardModel:
     std: float = 1.0
     n: int = 0
     condition_on_profile: bool = False  # reads a "Rater profile: <group>" system message first
+    adapter: str = ADAPTER  # its peft adapter's name; on a shared base (trainer/shared.py) others sit beside it
 
     @property
     def device(self) -> torch.device:
@@ -212,7 +216,8 @@ class RewardModel:
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw scores of a padded batch, differentiable: (B, T), (B, T) → (B,) float32."""
-        hidden = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+        with shared.using(self.model, self.adapter):
+            hidden = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
         last = last_token_index(attention_mask)  # (B,)
         h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.head(h_last.float()).squeeze(-1)  # (B,)
@@ -266,18 +271,21 @@ def build(model_args: ModelArgs, reward_args: RewardArgs) -> RewardModel:
     A quantised base goes through peft's `prepare_model_for_kbit_training` (freezes it
     and casts its non-quantised weights to float32 for stable LoRA gradients), without
     gradient checkpointing, which would recompute every layer during the backward pass
-    to save activation memory that reward-model batches rarely need."""
-    tokenizer, base = load_base(model_args)
+    to save activation memory that reward-model batches rarely need.
+
+    Inside a `trainer.shared.sharing` block the adapter (named reward_N) goes on the
+    block's shared base and is made the active, trainable one."""
     quantize = resolve_quantize(model_args.quantize, resolve_device(model_args.device))
-    if quantize in ("nf4", "int8"):
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    before = (lambda base: shared.prepare_kbit(model_args, base)) if quantize in ("nf4", "int8") else None
+    name = shared.unique_name(model_args, ADAPTER)
+    num_layers = AutoConfig.from_pretrained(resolve_model_path(model_args)).get_text_config().num_hidden_layers
     torch.manual_seed(reward_args.seed)
-    num_layers = base.config.get_text_config().num_hidden_layers
-    model = get_peft_model(base, _reward_lora(model_args, reward_args, num_layers), adapter_name=ADAPTER)
+    tokenizer, model = shared.adapter_model(model_args, name, config=_reward_lora(model_args, reward_args, num_layers), before=before)
+    model.set_adapter(name)  # active and trainable; other adapters on a shared base frozen
     head = scalar_head(model)
     model.eval()
     return RewardModel(model, head, tokenizer, model_args.model, quantize, reward_args.reward_max_length,
-                       condition_on_profile=reward_args.reward_condition_on_profile)
+                       condition_on_profile=reward_args.reward_condition_on_profile, adapter=name)
 
 
 # -- evaluation ------------------------------------------------------------------
@@ -353,33 +361,53 @@ def normalize(reward_model: RewardModel, prompts: list[list[dict]], replies: lis
 # -- fitting ---------------------------------------------------------------------
 
 
-def _batch_rewards(rm: RewardModel, pairs: list, points: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch_rewards(rm: RewardModel, pairs: list, points: list, packing: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Differentiable raw rewards of encoded items in one forward pass: (chosen (P,),
-    rejected (P,), pointwise (Q,)). Items as in `_batch_loss`."""
-    seqs = [b[1] for b in pairs] + [b[2] for b in pairs] + [b[1] for b in points]
-    input_ids, attention_mask = pad_right(seqs, rm.tokenizer.pad_token_id, rm.device)  # (2P + Q, T)
-    rewards = rm.rewards(input_ids, attention_mask)  # (2P + Q,)
+    rejected (P,), pointwise (Q,)). Items as in `_batch_loss`.
+
+    Packed (trainer/packing.py, `--reward-packing`): each pair's shared prompt is
+    encoded once, as [prompt][chosen rest][rejected rest] with a mask that keeps the
+    two rests apart, and units share rows of up to `packing.ROW_TOKENS` tokens, so
+    little padding is computed; the rewards are the padded batch's to float rounding.
+    Without packing, or on a model whose attention cannot take the packed mask
+    (`can_pack` says so once in the log), every sequence is a right-padded row of its own."""
+    body = backbone(rm.model)
+    if not (packing and can_pack(body, rm.max_length)):
+        seqs = [b[1] for b in pairs] + [b[2] for b in pairs] + [b[1] for b in points]
+        input_ids, attention_mask = pad_right(seqs, rm.tokenizer.pad_token_id, rm.device)  # (2P + Q, T)
+        rewards = rm.rewards(input_ids, attention_mask)  # (2P + Q,)
+        return tuple(rewards.split([len(pairs), len(pairs), len(points)]))
+    packed = pack([(b[1], b[2]) for b in pairs], [b[1] for b in points], rm.tokenizer.pad_token_id, device=rm.device)
+    with shared.using(rm.model, rm.adapter):
+        hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=model_mask(packed, body),
+                      use_cache=False).last_hidden_state  # (R, T, H)
+    rewards = rm.head(hidden[packed.rows, packed.cols].float()).squeeze(-1)  # (2P + Q,)
     return tuple(rewards.split([len(pairs), len(pairs), len(points)]))
 
 
-def _batch_loss(rm: RewardModel, batch: list, pointwise_weight: float) -> tuple[torch.Tensor, int, int]:
-    """Loss of one mixed batch of encoded examples, in one forward pass: chosen,
-    rejected and pointwise sequences concatenated along the batch.
+def _batch_loss(rm: RewardModel, batch: list, pointwise_weight: float, total: int, packing: bool = True) -> tuple[torch.Tensor, int, int]:
+    """This part's share of an optimiser step's loss, in one forward pass over its
+    chosen, rejected and pointwise sequences (packed or padded: `_batch_rewards`).
 
-    Items are ("pair", ids_chosen, ids_rejected, weight) or ("point", ids, label, weight).
+    (Σ_pairs w · −log σ(r_chosen − r_rejected) + pointwise_weight · Σ_points w · BCE(r, label)) / total,
+    with `total` the number of examples in the step's global batch: a sum over examples,
+    so the parts' losses (micro-batches, processes) add up to the step's loss whatever the
+    split. Items are ("pair", ids_chosen, ids_rejected, weight) or ("point", ids, label, weight).
     Returns (loss, correct pairs, pairs)."""
     pairs = [b for b in batch if b[0] == "pair"]
     points = [b for b in batch if b[0] == "point"]
-    rewards_chosen, rewards_rejected, rewards_point = _batch_rewards(rm, pairs, points)
+    rewards_chosen, rewards_rejected, rewards_point = _batch_rewards(rm, pairs, points, packing)
     loss = rewards_chosen.new_zeros(()) if pairs else rewards_point.new_zeros(())
     correct = 0
     if pairs:
-        loss = loss + pairwise_loss(rewards_chosen, rewards_rejected, torch.tensor([b[3] for b in pairs]))
+        weights = torch.tensor([b[3] for b in pairs], device=rm.device)
+        loss = loss + (weights * -F.logsigmoid(rewards_chosen - rewards_rejected)).sum()
         correct = int((rewards_chosen > rewards_rejected).sum())
     if points:
         labels = torch.tensor([float(b[2]) for b in points], device=rm.device)
-        loss = loss + pointwise_weight * pointwise_loss(rewards_point, labels, torch.tensor([b[3] for b in points]))
-    return loss, correct, len(pairs)
+        weights = torch.tensor([b[3] for b in points], device=rm.device)
+        loss = loss + pointwise_weight * F.binary_cross_entropy_with_logits(rewards_point, labels, weight=weights, reduction="sum")
+    return loss / total, correct, len(pairs)
 
 
 def _reads(example: Pair | Pointwise) -> tuple[str | None, ...]:
@@ -408,8 +436,21 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
 
     AdamW on the LoRA and head parameters only (the base stays frozen), seeded
     shuffling, one optimiser step per `reward_batch_size` examples (a pair or a
-    pointwise label each), loss = pairwise + pointwise_weight × pointwise, each
-    example's loss weighed by `relative_weights` (its judges' reliability), dropout off.
+    pointwise label each), dropout off. A step's loss is a sum over its examples,
+    divided by their number:
+
+        (Σ_pairs w · −log σ(r_chosen − r_rejected) + pointwise_weight · Σ_points w · BCE(r, label)) / examples
+
+    with w each example's `relative_weights` (its judges' reliability). A batch of only
+    pairs or only labels gives their plain weighted mean; in a mixed batch each sort
+    counts in proportion to its examples (a batch of 6 pairs and 2 labels weighs the
+    pairwise loss 6/8 and the pointwise 2/8 × pointwise_weight), whatever the split
+    into micro-batches, so that parts of a batch add up to its loss.
+    Launched data-parallel (trainer/distributed.py), every process shuffles alike and
+    fits its contiguous share of each global batch; gradients are summed across
+    processes before clipping, so each takes the optimiser step of the whole batch,
+    and the loss and accuracy figures are those of all processes. Normalisation and
+    validation run on every process alike; saving is the caller's (rank 0's) business.
     A model conditioned on profiles (`reward_condition_on_profile`) reads each example
     twice, with its profile group and with "any" (once when it has no group), at the
     example's weight each time.
@@ -425,10 +466,11 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     train_pairs, train_pointwise, val_pairs, val_pointwise   examples of each sort
     train_examples_by_kind   training examples by feedback kind (comparison, thumbs, ...)
     train_weights            {min, mean, max} of the training examples' weights before rescaling
-    train_loss               mean loss over the last epoch's steps, measured while training
+    train_loss               mean step loss (above) over the last epoch's steps, measured while training
     train_accuracy           share of the last epoch's pairs with r_chosen > r_rejected, while training
                              (a conditioned model: over both reads of each pair)
-    val_loss                 the same loss on `val` after fitting, dropout off (None without val data)
+    val_loss                 on `val` after fitting, dropout off: mean weighted pairwise loss + pointwise_weight
+                             × mean weighted pointwise loss (None without val data)
     val_accuracy, _lo, _hi   validation pairwise accuracy and its 95% Wilson interval
     val_pointwise_accuracy   share of validation labels whose reward sign matches the label
                              (validation of a conditioned model scores "any", as PPO and the
@@ -469,22 +511,34 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
         rm.model.eval()  # dropout off, as in PPO and TRL's disable_dropout; about 2x faster forward passes on CPU
     loop_started = time.perf_counter()
     bar = tqdm(total=steps_per_epoch * reward_args.reward_epochs, desc="reward model", unit="step", disable=not progress)
+    distributed.broadcast_params(params)  # launched data-parallel: every process starts from rank 0's weights
     for epoch in range(reward_args.reward_epochs):
-        rng.shuffle(items)
+        rng.shuffle(items)  # seeded alike on every process: they all see the same global batches
         epoch_loss, epoch_correct, epoch_pairs = 0.0, 0, 0
         for start in range(0, len(items), bs):
             batch = items[start : start + bs]
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(0, len(batch), mbs):  # gradients accumulate over micro-batches
-                part = batch[micro : micro + mbs]
-                loss, correct, n_pairs = _batch_loss(rm, part, reward_args.pointwise_weight)
+            step_loss, step_correct, step_pairs, bad = 0.0, 0, 0, None
+            mine = distributed.shard(batch)  # this process's share of the global batch (all of it in one process)
+            for micro in range(0, len(mine), mbs):  # gradients accumulate over micro-batches
+                part = mine[micro : micro + mbs]
+                loss, correct, n_pairs = _batch_loss(rm, part, reward_args.pointwise_weight, len(batch), reward_args.reward_packing)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"reward-model loss is {loss.item()} at epoch {epoch + 1}, step {start // bs + 1}; lower --reward-lr")
-                (loss * (len(part) / len(batch))).backward()
-                step_loss += loss.detach().item() * len(part) / len(batch)
-                epoch_correct += correct
-                epoch_pairs += n_pairs
+                    bad = loss.item()
+                    break
+                loss.backward()
+                step_loss += loss.detach().item()
+                step_correct += correct
+                step_pairs += n_pairs
+            # the step's loss and counts over every process; a non-finite loss anywhere stops them all
+            totals = distributed.all_reduce_sum(torch.tensor([step_loss, step_correct, step_pairs, bad is not None], dtype=torch.float64))
+            if totals[3] > 0:
+                raise FloatingPointError(f"reward-model loss is {bad if bad is not None else 'not finite on another process'} "
+                                         f"at epoch {epoch + 1}, step {start // bs + 1}; lower --reward-lr")
+            step_loss = float(totals[0])
+            epoch_correct += int(totals[1])
+            epoch_pairs += int(totals[2])
+            distributed.all_reduce_grads(params)  # the global batch's gradient, the same on every process
             torch.nn.utils.clip_grad_norm_(params, reward_args.reward_max_grad_norm)
             optimizer.step()
             epoch_loss += step_loss
@@ -557,8 +611,8 @@ def save(reward_dir: str | Path, reward_model: RewardModel, manifest: dict) -> s
     version = f"r{int(existing[-1][1:]) + 1 if existing else 1:06d}"
     tmp = Path(tempfile.mkdtemp(dir=d, prefix=f".{version}."))
     try:
-        reward_model.model.save_pretrained(str(tmp), selected_adapters=[ADAPTER])
-        nested = tmp / ADAPTER  # peft nests adapters not named 'default'
+        reward_model.model.save_pretrained(str(tmp), selected_adapters=[reward_model.adapter])
+        nested = tmp / reward_model.adapter  # peft nests adapters not named 'default'
         if nested.is_dir():
             for f in nested.iterdir():
                 os.replace(f, tmp / f.name)
@@ -618,11 +672,11 @@ def load(reward_dir: str | Path, model_args: ModelArgs, version: str | None = No
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     if not _same_model(manifest["base_model"], model_args.model):
         raise ValueError(f"reward model {version} was trained on base {manifest['base_model']!r}, but --model is {model_args.model!r}; refit the reward model on this base")
-    tokenizer, base = load_base(model_args)
     quantize = resolve_quantize(model_args.quantize, resolve_device(model_args.device))
     if quantize != manifest["quantize"]:
         log.warning("reward model %s was fitted on a %s base and is loaded on a %s one; scores shift slightly", version, manifest["quantize"], quantize)
-    model = PeftModel.from_pretrained(base, str(path), adapter_name=ADAPTER, is_trainable=False)
+    name = shared.unique_name(model_args, ADAPTER)
+    tokenizer, model = shared.adapter_model(model_args, name, path=path)
     head = scalar_head(model)
     state = load_file(str(path / HEAD_FILE))
     if tuple(state["weight"].shape) != tuple(head.weight.shape):
@@ -632,4 +686,5 @@ def load(reward_dir: str | Path, model_args: ModelArgs, version: str | None = No
     normalizer = json.loads((path / NORMALIZER_FILE).read_text())
     model.eval()
     return RewardModel(model, head, tokenizer, model_args.model, quantize, manifest["max_length"], normalizer["mean"], normalizer["std"], normalizer["n"],
-                       condition_on_profile=bool(manifest.get("condition_on_profile", False)))  # absent: fitted before profiles existed
+                       condition_on_profile=bool(manifest.get("condition_on_profile", False)),  # absent: fitted before profiles existed
+                       adapter=name)

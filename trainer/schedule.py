@@ -413,12 +413,12 @@ def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArg
 
     A failure inside the cycle is logged and returned as decision 'failed'; what was
     already serving keeps serving."""
-    from trainer import steps
+    from trainer import shared, steps
     from trainer.ppo import NonFiniteError
 
     policy_args = policy_args or PolicyArgs()
     adir = ppo_args.adapters_dir
-    with CycleLock(sched.lock_file) as lock:
+    with CycleLock(sched.lock_file) as lock, shared.sharing(model_args):  # one base for every model of the cycle
         started, t0 = cycles.now(), time.perf_counter()
         result = CycleResult(decision="failed", started_at=started)
         try:
@@ -515,8 +515,10 @@ def evaluate_version(model_args: ModelArgs, data_args: DataArgs, reward_args: Re
     rejected like a cycle's, a passing one stays a candidate for `promote`. Returns a
     CycleResult whose decision is passed | rejected | waiting | skipped.
     InvalidAdapter when VERSION is not a candidate or CURRENT is unreadable."""
+    from trainer import shared
+
     adir = ppo_args.adapters_dir
-    with CycleLock(sched.lock_file) as lock:
+    with CycleLock(sched.lock_file) as lock, shared.sharing(model_args):
         t0 = time.perf_counter()
         manifest = check_candidate(adir, version)
         against = adapters.read_current(adir)

@@ -65,8 +65,9 @@ def _reward_manifest(snapshot, examples, train, val, metrics, reward_args, start
 def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, progress: bool = True, snapshot=None):
     """Snapshot the store (unless given one), build examples, split, fit, save.
 
-    Returns (version, manifest, reward_model)."""
-    from trainer import reward
+    Returns (version, manifest, reward_model). Launched data-parallel, only rank 0
+    saves; the other processes return version None."""
+    from trainer import distributed, reward
     from trainer.data import build_examples, split
 
     snapshot = _snapshot(data_args, snapshot)
@@ -75,7 +76,8 @@ def fit_reward(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
     started = time.perf_counter()
     rm, metrics = reward.fit(model_args, reward_args, train, val, progress=progress)
     manifest = _reward_manifest(snapshot, examples, train, val, metrics, reward_args, started, role="single")
-    return reward.save(reward_args.reward_dir, rm, manifest), manifest, rm
+    version = reward.save(reward_args.reward_dir, rm, manifest) if distributed.is_main() else None  # rank 0 writes, once
+    return version, manifest, rm
 
 
 def folds(examples):
@@ -198,9 +200,21 @@ def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs,
     The run continues the parent's value head and KL controller (saved beside it) and
     uses the parent as its reference policy; both are saved with the candidate.
     `start_dir`: an adapter (an SFT result) to start from and use as the reference
-    instead of the parent's weights."""
+    instead of the parent's weights.
+
+    The reward model, the policy and its reference share one base (trainer/shared.py):
+    the caller's `sharing` block when it has one (a cycle), else one opened here."""
+    from trainer import shared
+
+    with shared.sharing(model_args):
+        return _run_ppo(model_args, data_args, reward_args, ppo_args, progress, reward_fn, reward_version, prompts, extra, snapshot,
+                        reward_functions, start_dir)
+
+
+def _run_ppo(model_args, data_args, reward_args, ppo_args, progress, reward_fn, reward_version, prompts, extra, snapshot,
+             reward_functions, start_dir):
     from assistant import adapters
-    from trainer import ppo, rewards
+    from trainer import distributed, ppo, rewards, shared
     from trainer.policy import parent_of
 
     started = time.perf_counter()
@@ -212,33 +226,38 @@ def run_ppo(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs,
     parent, parent_dir, parent_manifest = parent_of(ppo_args.adapters_dir)
     start_dir = start_dir if start_dir is not None else parent_dir
     model, tokenizer = ppo.build_trainable_policy(model_args, start_dir)
-    cfg = ppo.config_from(ppo_args)
-    device = next(model.parameters()).device
-    state, resumed = ppo.load_state(parent_dir, parent_manifest, model.get_base_model().config.hidden_size, cfg, device)
-    kl_coef_start = state.kl_ctl.value
-    log.info("PPO from %s: %s value head and KL controller (kl_coef %.4f)", parent, "the parent's" if resumed else "a fresh", kl_coef_start)
-    state, history, stop = ppo.train(model, tokenizer, prompts, reward_fn, cfg, ppo_args.ppo_iterations, seed=ppo_args.ppo_seed,
-                                     prompt_max_tokens=ppo_args.prompt_max_tokens, progress=progress, log=log.info, state=state,
-                                     ref_adapter=ppo.REFERENCE_ADAPTER if start_dir is not None else None)
-    tensors, state_json = ppo.save_state(state)
-    manifest = {
-        "kind": "ppo",
-        "policy_step": "ppo",
-        "parent": parent,
-        "reward_model": reward_version or "scripted",
-        "feedback_ids": snapshot.id_range() if snapshot is not None else {},
-        "prompts": prompt_counts,
-        "base_model": model_args.model,
-        "quantize": model_args.quantize,
-        "ppo_args": vars(ppo_args),
-        "stop_reason": stop,
-        "metrics": history,
-        "reward_functions": rewards.describe(reward_functions or []),
-        ppo.STATE_KEY: {**state_json, "resumed_from_parent": resumed, "kl_coef_start": kl_coef_start},
-        "seconds": time.perf_counter() - started,
-        **(extra or {}),
-    }
-    version = adapters.publish(ppo_args.adapters_dir, model, ppo.POLICY_ADAPTER, manifest, tensors={ppo.STATE_FILE: tensors})
+    try:
+        cfg = ppo.config_from(ppo_args)
+        device = next(model.parameters()).device
+        state, resumed = ppo.load_state(parent_dir, parent_manifest, model.get_base_model().config.hidden_size, cfg, device)
+        kl_coef_start = state.kl_ctl.value
+        log.info("PPO from %s: %s value head and KL controller (kl_coef %.4f)", parent, "the parent's" if resumed else "a fresh", kl_coef_start)
+        state, history, stop = ppo.train(model, tokenizer, prompts, reward_fn, cfg, ppo_args.ppo_iterations, seed=ppo_args.ppo_seed,
+                                         prompt_max_tokens=ppo_args.prompt_max_tokens, progress=progress, log=log.info, state=state,
+                                         ref_adapter=ppo.REFERENCE_ADAPTER if start_dir is not None else None)
+        tensors, state_json = ppo.save_state(state)
+        manifest = {
+            "kind": "ppo",
+            "policy_step": "ppo",
+            "parent": parent,
+            "reward_model": reward_version or "scripted",
+            "feedback_ids": snapshot.id_range() if snapshot is not None else {},
+            "prompts": prompt_counts,
+            "base_model": model_args.model,
+            "quantize": model_args.quantize,
+            "ppo_args": vars(ppo_args),
+            "stop_reason": stop,
+            "metrics": history,
+            "reward_functions": rewards.describe(reward_functions or []),
+            ppo.STATE_KEY: {**state_json, "resumed_from_parent": resumed, "kl_coef_start": kl_coef_start},
+            "seconds": time.perf_counter() - started,
+            **(extra or {}),
+        }
+        version = None  # launched data-parallel, rank 0 publishes, once; the others return None
+        if distributed.is_main():
+            version = adapters.publish(ppo_args.adapters_dir, model, ppo.POLICY_ADAPTER, manifest, tensors={ppo.STATE_FILE: tensors})
+    finally:  # the shared base keeps serving the cycle's other models
+        shared.release(model, ppo.POLICY_ADAPTER, ppo.REFERENCE_ADAPTER)
     return version, manifest
 
 
