@@ -20,7 +20,7 @@ validation pairs.
 Both sides train the same base model files with the same LoRA (rank, alpha, dropout,
 q/k/v/o projections), a scalar head on the last token of the chat-templated
 prompt + reply, the Bradley-Terry loss, AdamW (lr, weight decay 0.01, no schedule),
-gradient clipping at 1.0, the same batch size, epochs and seed, no gradient
+gradient clipping at 1.0, LoRA on the same top `--reward-lora-layers` layers, the same batch size, epochs and seed, no gradient
 checkpointing and no mixed precision. Both see the same token ids: TRL tokenises the
 pairs itself (conversational format, chat template) and the benchmark then cuts each
 sequence from the left to --max-length, as `RewardModel.encode` does, and checks the
@@ -321,11 +321,14 @@ def run_trl(model_args: ModelArgs, reward_args: RewardArgs, train: list[Pair], o
         }
         for p in train
     ])
+    ours_lora = reward._reward_lora(model_args, reward_args, model.config.get_text_config().num_hidden_layers)
     peft_config = LoraConfig(
         r=reward_args.reward_lora_r,
         lora_alpha=reward_args.reward_lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.target_modules,
+        layers_to_transform=ours_lora.layers_to_transform,  # the same layers as ours (the top --reward-lora-layers)
+        layers_pattern=ours_lora.layers_pattern,
         bias="none",
         task_type="SEQ_CLS",  # peft then trains the `score` head too (modules_to_save)
     )
