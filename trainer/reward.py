@@ -401,12 +401,12 @@ def _batch_loss(rm: RewardModel, batch: list, pointwise_weight: float, total: in
     correct = 0
     if pairs:
         weights = torch.tensor([b[3] for b in pairs], device=rm.device)
-        loss = loss + (weights * -F.logsigmoid(rewards_chosen - rewards_rejected)).sum()
+        loss = loss + pairwise_loss(rewards_chosen, rewards_rejected, weights) * len(pairs)  # the sum over pairs
         correct = int((rewards_chosen > rewards_rejected).sum())
     if points:
         labels = torch.tensor([float(b[2]) for b in points], device=rm.device)
         weights = torch.tensor([b[3] for b in points], device=rm.device)
-        loss = loss + pointwise_weight * F.binary_cross_entropy_with_logits(rewards_point, labels, weight=weights, reduction="sum")
+        loss = loss + pointwise_weight * pointwise_loss(rewards_point, labels, weights) * len(points)  # the sum over labels
     return loss / total, correct, len(pairs)
 
 
