@@ -13,8 +13,8 @@ Data: /work/shared/data/hh-harmless-dev.jsonl is imported with `import_preferenc
 into a feedback store kept at bench/results/reward-hh-harmless-dev.db (`--db`), read back with
 `read_snapshot` → `build_examples`, and split 80/20 by conversation with the project's
 `split` (DataArgs' val_fraction and split_seed). The split hashes conversation ids,
-which the import draws at random, so the store is kept to give every run the same
-split. `--pairs` takes the first N training pairs, `--val-pairs` the first M
+which the import derives from each pair's content, so every fresh import splits the
+same way; the store is kept only to skip re-importing. `--pairs` takes the first N training pairs, `--val-pairs` the first M
 validation pairs.
 
 Both sides train the same base model files with the same LoRA (rank, alpha, dropout,

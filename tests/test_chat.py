@@ -15,7 +15,7 @@ import threading
 import pytest
 import torch
 
-from assistant.chat import Engine, GenParams, PromptTooLong, QueueFull, build_prompt, sample
+from assistant.chat import Engine, GenParams, PromptTooLong, QueueFull, build_prompt, nucleus, sample
 from assistant.config import BASE_VERSION
 
 HANG_GUARD_S = 60  # a forward call that is never reached means the engine is stuck
@@ -135,6 +135,43 @@ def test_sample_never_leaves_the_nucleus():
     n = 5000
     draws = sample(probs.log().expand(n, -1), torch.ones(n), torch.full((n,), 0.5))
     assert set(draws.tolist()) == {0, 1}
+
+
+def _full_sort_nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> list[dict[int, float]]:
+    """The nucleus of each row by sorting the whole vocabulary: {token id: probability}."""
+    out = []
+    for row, p in zip(probs, top_p.tolist()):
+        values, ids = row.sort(descending=True)
+        before = values.cumsum(0) - values
+        out.append({int(i): float(v) for i, v, b in zip(ids, values, before) if b <= p})
+    return out
+
+
+def _as_dicts(kept: torch.Tensor, order: torch.Tensor) -> list[dict[int, float]]:
+    return [{int(i): float(v) for i, v in zip(o, k) if v > 0} for k, o in zip(kept, order)]
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_nucleus_from_candidates_equals_the_full_sort(top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(16, 5000) * 10  # peaked rows: each nucleus is a handful of tokens
+    probs = torch.softmax(logits, -1)
+    tp = torch.full((16,), top_p)
+    want = _full_sort_nucleus(probs, tp)
+    assert max(len(w) for w in want) < 64  # so 64 candidates cover every row: the candidate path runs
+    kept, order = nucleus(probs, tp, candidates=64)
+    assert kept.shape == (16, 64)
+    assert _as_dicts(kept, order) == want
+
+
+def test_nucleus_sorts_everything_when_the_candidates_fall_short():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 3000) * 6, -1)
+    probs[1] = 1 / 3000  # a flat row: its nucleus is most of the vocabulary
+    tp = torch.tensor([0.9, 0.9, 0.5, 1.0])
+    kept, order = nucleus(probs, tp, candidates=64)
+    assert kept.shape == (4, 3000)
+    assert _as_dicts(kept, order) == _full_sort_nucleus(probs, tp)
 
 
 # -- GenParams ---------------------------------------------------------------------
