@@ -3,6 +3,7 @@
     .venv/bin/python bench/reward_memory.py                       # the defaults, on the 160 longest HH pairs
     .venv/bin/python bench/reward_memory.py --pairs 1149          # every pair (about 2 x 144 steps)
     .venv/bin/python bench/reward_memory.py --no-reward-gradient-checkpointing --reward-micro-batch-size 8   # the old settings
+    .venv/bin/python bench/reward_memory.py --random-shape qwen2-1.5b --pairs 16   # a 1.5B model of Qwen2's shape, random weights
 
 The pairs are those `python -m trainer reward` fits on: ../shared/data/hh-harmless-dev.jsonl
 imported into a fresh store (`import_preferences`), read back (`read_snapshot`,
@@ -14,12 +15,19 @@ RewardArgs field is a flag). A thread samples the process's resident memory
 step, and the JSON (bench/results/reward-memory.json) every step. "Growth" compares the
 peak of the last quarter of the steps with that of the second quarter: bounded memory
 means about 0.
+
+--random-shape builds a model of a real architecture with random weights (seed 0, float32,
+the shapes of bench/gpu.py, with its byte-level tokenizer, so that nearly every text is
+cut at --reward-max-length) in a temporary directory and fits that instead of --model:
+memory depends on the shape, not on the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=160, help="fit on this many of the longest pairs")
     ap.add_argument("--out", default=str(RESULTS / "reward-memory.json"))
+    ap.add_argument("--random-shape", default=None, help="fit a random-weight model of this bench/gpu.py shape (e.g. qwen2-1.5b) instead of --model")
     add_args(ap, ModelArgs, "base model")
     add_args(ap, RewardArgs, "reward model (defaults: what `python -m trainer reward` uses)")
     ns = ap.parse_args()
@@ -54,6 +63,22 @@ def main() -> None:
         with FeedbackStore(db) as store:
             import_preferences(store, HH_HARMLESS, progress=False)
         examples = build_examples(read_snapshot(db))
+    work = tempfile.TemporaryDirectory()
+    built = None
+    if ns.random_shape:
+        from bench.gpu import SHAPES
+
+        if ns.random_shape not in SHAPES:
+            ap.error(f"--random-shape: unknown {ns.random_shape!r}; choose from {', '.join(SHAPES)}")
+        print(f"building {ns.random_shape} with random weights...", flush=True)
+        path = Path(work.name) / ns.random_shape
+        # In a process of its own, so that the memory of building it is not counted here.
+        code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); from bench.gpu import build_model_dir; "
+                "print(json.dumps(build_model_dir(sys.argv[2], None, torch.device('cpu'), torch.float32, __import__('pathlib').Path(sys.argv[3]))))")
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT), ns.random_shape, str(path)], check=True, capture_output=True, text=True)
+        built = json.loads(out.stdout.strip().splitlines()[-1])
+        model_args.model = str(path)
+        print(f"built: {built['parameters']:,} parameters, {built['saved_gb']:.1f} GB on disk", flush=True)
     from transformers import AutoTokenizer
 
     from assistant.model import resolve_model_path
@@ -85,11 +110,13 @@ def main() -> None:
     result = {
         "command": "python bench/reward_memory.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
+        "random_shape": ns.random_shape, "random_model": built,
         "pairs": len(pairs), "reward_args": vars(reward_args), "rss_before_fit_mb": start_rss,
         "peak_rss_mb": max(s["peak_rss_mb"] for s in steps), "growth_mb": q4 - q2, "steps": steps,
         "seconds_per_step": steps[-1]["seconds"] / n, "pairs_per_s": metrics["pairs_per_s"],
     }
     write_results(ns.out, result)
+    work.cleanup()
     print("\n| measure | value |\n| --- | --- |")
     print(f"| pairs, steps | {len(pairs)}, {n} |")
     print(f"| resident memory before the fit | {start_rss:,.0f} MB |")
