@@ -203,8 +203,9 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor, candidates: int = NUCLEUS_
     in descending order, the dropped ones set to 0. A token is kept when the tokens
     ranked above it sum to at most top_p (the smallest prefix reaching top_p).
 
-    Sorting the whole vocabulary for every decode step took a sixth of an 8-row step
-    on CPU; the nucleus at serving temperatures is a few dozen tokens. So the
+    Sorting the whole vocabulary of every row on every decode step is a visible part
+    of a small model's step, while the nucleus at serving temperatures is a few dozen
+    tokens. So the
     `candidates` most likely tokens come first (`topk`); when they sum to more than
     top_p in every row, the nucleus lies inside them and the result is the full
     sort's. Otherwise (a flat distribution, top_p 1) the whole vocabulary is sorted."""

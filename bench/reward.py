@@ -14,14 +14,14 @@ into a feedback store kept at bench/results/reward-hh-harmless-dev.db (`--db`), 
 `read_snapshot` → `build_examples`, and split 80/20 by conversation with the project's
 `split` (DataArgs' val_fraction and split_seed). The split hashes conversation ids,
 which the import derives from each pair's content, so every fresh import splits the
-same way; the store is kept only to skip re-importing. `--pairs` takes the first N training pairs, `--val-pairs` the first M
-validation pairs.
+same way; the store is kept only to skip re-importing. `--pairs` takes the first N
+training pairs, `--val-pairs` the first M validation pairs.
 
 Both sides train the same base model files with the same LoRA (rank, alpha, dropout,
 q/k/v/o projections), a scalar head on the last token of the chat-templated
 prompt + reply, the Bradley-Terry loss, AdamW (lr, weight decay 0.01, no schedule),
-gradient clipping at 1.0, LoRA on the same top `--reward-lora-layers` layers, the same batch size, epochs and seed, no gradient
-checkpointing and no mixed precision. Both see the same token ids: TRL tokenises the
+gradient clipping at 1.0, LoRA on the same top `--reward-lora-layers` layers, the
+same batch size, epochs and seed, no gradient checkpointing and no mixed precision. Both see the same token ids: TRL tokenises the
 pairs itself (conversational format, chat template) and the benchmark then cuts each
 sequence from the left to --max-length, as `RewardModel.encode` does, and checks the
 ids equal ours. (TRL 1.16 itself drops pairs longer than `max_length`; it does not cut.)

@@ -25,21 +25,31 @@ memory depends on the shape, not on the weights.
 from __future__ import annotations
 
 import argparse
-import json
+import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
+
 from assistant.config import ModelArgs, add_args, from_args  # noqa: E402
 from bench.common import HH_HARMLESS, RESULTS, RssSampler, machine, rss_mb, write_results  # noqa: E402
+from bench.gpu import SHAPES, build_model_dir  # noqa: E402
 from trainer.config import RewardArgs  # noqa: E402
+
+
+def build_random_model(shape: str, path: Path) -> dict:
+    """bench/gpu.py's `build_model_dir` for `shape` (float32, CPU) at `path`, in a process
+    of its own, so that the memory of building it is not counted in this one's."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(build_model_dir, shape, None, torch.device("cpu"), torch.float32, path).result()
 
 
 def main() -> None:
@@ -51,6 +61,8 @@ def main() -> None:
     add_args(ap, RewardArgs, "reward model (defaults: what `python -m trainer reward` uses)")
     ns = ap.parse_args()
     model_args, reward_args = from_args(ModelArgs, ns), from_args(RewardArgs, ns)
+    if ns.random_shape and ns.random_shape not in SHAPES:
+        ap.error(f"--random-shape: unknown {ns.random_shape!r}; choose from {', '.join(SHAPES)}")
     if not HH_HARMLESS.exists():
         sys.exit(f"error: {HH_HARMLESS} not found")
 
@@ -63,20 +75,12 @@ def main() -> None:
         with FeedbackStore(db) as store:
             import_preferences(store, HH_HARMLESS, progress=False)
         examples = build_examples(read_snapshot(db))
-    work = tempfile.TemporaryDirectory()
+    work = tempfile.TemporaryDirectory() if ns.random_shape else None
     built = None
     if ns.random_shape:
-        from bench.gpu import SHAPES
-
-        if ns.random_shape not in SHAPES:
-            ap.error(f"--random-shape: unknown {ns.random_shape!r}; choose from {', '.join(SHAPES)}")
         print(f"building {ns.random_shape} with random weights...", flush=True)
         path = Path(work.name) / ns.random_shape
-        # In a process of its own, so that the memory of building it is not counted here.
-        code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); from bench.gpu import build_model_dir; "
-                "print(json.dumps(build_model_dir(sys.argv[2], None, torch.device('cpu'), torch.float32, __import__('pathlib').Path(sys.argv[3]))))")
-        out = subprocess.run([sys.executable, "-c", code, str(ROOT), ns.random_shape, str(path)], check=True, capture_output=True, text=True)
-        built = json.loads(out.stdout.strip().splitlines()[-1])
+        built = build_random_model(ns.random_shape, path)
         model_args.model = str(path)
         print(f"built: {built['parameters']:,} parameters, {built['saved_gb']:.1f} GB on disk", flush=True)
     from transformers import AutoTokenizer
@@ -116,7 +120,8 @@ def main() -> None:
         "seconds_per_step": steps[-1]["seconds"] / n, "pairs_per_s": metrics["pairs_per_s"],
     }
     write_results(ns.out, result)
-    work.cleanup()
+    if work is not None:
+        work.cleanup()
     print("\n| measure | value |\n| --- | --- |")
     print(f"| pairs, steps | {len(pairs)}, {n} |")
     print(f"| resident memory before the fit | {start_rss:,.0f} MB |")
