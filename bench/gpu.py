@@ -423,7 +423,7 @@ def reward_item(path: Path, device: torch.device, sizes: Sizes, prompts: list[st
     from trainer.data import Examples, Pair, to_prompt
 
     rec: dict = {}
-    rargs = dataclasses.replace(RewardArgs(), reward_epochs=1, reward_batch_size=sizes.reward_pairs, reward_micro_batch_size=sizes.reward_micro_batch,
+    rargs = dataclasses.replace(RewardArgs(), reward_epochs=1, reward_min_steps=0, reward_batch_size=sizes.reward_pairs, reward_micro_batch_size=sizes.reward_micro_batch,
                                 reward_max_length=sizes.reward_max_length, min_pairs=1, normalizer_size=2 * sizes.reward_pairs)
     rargs.validate()
     chars = sizes.reward_max_length + 16  # one byte-level token per character: longer than the cut

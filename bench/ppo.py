@@ -160,7 +160,7 @@ def fit_reward_model(model_args: ModelArgs, tasks: list[dict], args) -> tuple[ob
 
     pool = synthetic_pairs(tasks[args.prompts :])
     train, val = pool[: args.rm_pairs], pool[args.rm_pairs : args.rm_pairs + args.rm_val_pairs]
-    reward_args = RewardArgs(reward_max_length=args.rm_max_length, reward_epochs=args.rm_epochs, reward_lr=args.rm_lr,
+    reward_args = RewardArgs(reward_max_length=args.rm_max_length, reward_epochs=args.rm_epochs, reward_min_steps=0, reward_lr=args.rm_lr,
                              min_pairs=1, seed=args.seed)
     print(f"\n[reward model] fit on {len(train)} synthetic pairs (concise ≻ long), {len(val)} held out, "
           f"max_length {args.rm_max_length}, {args.rm_epochs} epochs", flush=True)

@@ -493,6 +493,7 @@ def main() -> None:
         reward_lora_alpha=args.lora_alpha,
         reward_lr=args.lr,
         reward_epochs=args.epochs,
+        reward_min_steps=0,  # exactly --epochs passes, as TRL's num_train_epochs
         reward_batch_size=args.batch_size,
         reward_max_length=args.max_length,
         seed=args.seed,

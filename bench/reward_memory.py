@@ -3,7 +3,7 @@
     .venv/bin/python bench/reward_memory.py                       # the defaults, on the 160 longest HH pairs
     .venv/bin/python bench/reward_memory.py --pairs 1149          # every pair (about 2 x 144 steps)
     .venv/bin/python bench/reward_memory.py --no-reward-gradient-checkpointing --reward-micro-batch-size 8   # the old settings
-    .venv/bin/python bench/reward_memory.py --random-shape qwen2-1.5b --pairs 16   # a 1.5B model of Qwen2's shape, random weights
+    .venv/bin/python bench/reward_memory.py --random-shape qwen2-1.5b --pairs 16 --reward-min-steps 0   # a 1.5B model of Qwen2's shape, random weights, 4 steps
 
 The pairs are those `python -m trainer reward` fits on: ../shared/data/hh-harmless-dev.jsonl
 imported into a fresh store (`import_preferences`), read back (`read_snapshot`,

@@ -78,7 +78,7 @@ with FeedbackStore(db) as store:
     import_preferences(store, src, progress=False)
 model_args = ModelArgs(models_dir=models_dir)
 data_args = DataArgs(db=db)
-reward_args = RewardArgs(reward_dir=os.path.join(work, "reward"), reward_epochs=1, reward_max_length=256)
+reward_args = RewardArgs(reward_dir=os.path.join(work, "reward"), reward_epochs=1, reward_min_steps=0, reward_max_length=256)
 ppo_args = PPOArgs(adapters_dir=os.path.join(work, "adapters"), ppo_iterations=1, ppo_batch_size=4, mini_batch_size=4, max_new_tokens=32)
 sched = ScheduleArgs(lock_file=os.path.join(work, "lock"), cycles_log=os.path.join(work, "cycles.jsonl"), min_decisive_pairs=4,
                      min_val_pairs=2, min_val_accuracy=0.0, min_win_rate=0.0, min_human_agreement=0.0, kl_budget=1e6,

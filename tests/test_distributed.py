@@ -51,7 +51,7 @@ FRUIT = "apple cherry grape lemon mango melon peach plum kiwi fig lime pear".spl
 
 # 13 examples in batches of 6: per process 3, 3 and then 1 and 0 (a process with no example adds zeros)
 REWARD_ARGS = RewardArgs(reward_lr=3e-3, reward_epochs=2, reward_batch_size=6, reward_micro_batch_size=2, reward_max_length=64,
-                         min_pairs=8, normalizer_size=16)
+                         min_pairs=8, normalizer_size=16, reward_min_steps=0)
 # A: 5 rollouts (2 and 3 per process), minibatches of 3 that straddle the processes unevenly,
 #    two epochs, two iterations with the adaptive KL controller and the missing-EOS penalty.
 # B: minibatches of one row (the other process has none), whitened rewards.

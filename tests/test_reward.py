@@ -183,6 +183,24 @@ def test_fit_is_seeded(model_args):
     assert all(torch.equal(t, after[n]) for n, t in first.model.state_dict().items() if "lora_" in n)
 
 
+def test_epoch_count_adds_passes_only_when_the_data_would_take_fewer_steps_than_the_minimum():
+    args = RewardArgs(reward_epochs=2, reward_batch_size=8, reward_min_steps=32)
+    assert reward.epoch_count(28, args) == 8  # 4 steps a pass: 8 passes reach 32 steps
+    assert reward.epoch_count(200, args) == 2  # 25 steps a pass: the epochs alone give 50
+    assert reward.epoch_count(130, args) == 2  # 17 steps a pass: 34 steps
+    assert reward.epoch_count(120, args) == 3  # 15 steps a pass: 30 steps would fall short
+    assert reward.epoch_count(28, dataclasses.replace(args, reward_min_steps=0)) == 2
+
+
+def test_a_small_fit_takes_at_least_the_minimum_steps(model_args):
+    data = Examples(pairs=banana_pairs(16, seed=9))
+    args = dataclasses.replace(FIT_ARGS, reward_epochs=1, reward_batch_size=8, reward_min_steps=6)
+    _, metrics = reward.fit(model_args, args, data, Examples(), progress=False)
+    assert (metrics["epochs"], metrics["steps"]) == (3, 6)
+    _, metrics = reward.fit(model_args, dataclasses.replace(args, reward_min_steps=0), data, Examples(), progress=False)
+    assert (metrics["epochs"], metrics["steps"]) == (1, 2)
+
+
 def test_fit_refuses_too_few_examples(model_args):
     small = Examples(pairs=banana_pairs(10, seed=4), pointwise=[Pointwise((("user", "q"),), "a", 1, "c", "thumbs")])
     with pytest.raises(ValueError, match=r"need at least 16 .*have 11 .*python -m trainer import FILE"):
@@ -275,7 +293,7 @@ def test_load_refuses_an_incomplete_version(fitted, model_args, tmp_path):
 
 
 def test_nf4_fit_trains_and_scores(model_args):
-    args = dataclasses.replace(FIT_ARGS, reward_epochs=1)
+    args = dataclasses.replace(FIT_ARGS, reward_epochs=1, reward_min_steps=0)
     rm, metrics = reward.fit(dataclasses.replace(model_args, quantize="nf4"), args, Examples(pairs=banana_pairs(16, seed=7)), Examples(), progress=False)
     assert rm.quantize == "nf4"
     assert isinstance(rm.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)

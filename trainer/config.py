@@ -44,6 +44,7 @@ class RewardArgs:
     reward_lora_layers: int = _f(8, "LoRA on the top N transformer layers only (0 = every layer); the backward pass stops below them")
     reward_lr: float = _f(3e-4, "AdamW learning rate (LoRA and scalar head)")
     reward_epochs: int = _f(2, "passes over the training examples")
+    reward_min_steps: int = _f(32, "at least this many optimiser steps: a small data set gets more passes than --reward-epochs (0 = exactly --reward-epochs)")
     reward_batch_size: int = _f(8, "pairs (or pointwise labels) per optimiser step")
     reward_micro_batch_size: int = _f(2, "pairs (or pointwise labels) per forward/backward pass; gradients accumulate to --reward-batch-size")
     reward_gradient_checkpointing: bool = _f(False, "recompute the LoRA layers' activations in the backward pass (less memory, more time; dropout on)")
@@ -62,6 +63,8 @@ class RewardArgs:
                      "min_pairs", "reward_eval_batch_size", "normalizer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.reward_min_steps < 0:
+            raise ValueError(f"--reward-min-steps must be >= 0, got {self.reward_min_steps}")
         if self.reward_lora_layers < 0:
             raise ValueError(f"--reward-lora-layers must be >= 0, got {self.reward_lora_layers}")
         if not isinstance(self.reward_packing, bool):

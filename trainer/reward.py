@@ -430,6 +430,15 @@ def check_enough(train: Examples, min_pairs: int) -> None:
         )
 
 
+def epoch_count(examples: int, reward_args: RewardArgs) -> int:
+    """Passes over `examples` training items: --reward-epochs, or more when that many
+    would take fewer than --reward-min-steps optimiser steps (a small snapshot, such as
+    one fold of a cycle's first few dozen pairs, would otherwise stop after a handful of
+    steps, before the head has moved far from its initialisation)."""
+    steps_per_epoch = max(1, math.ceil(examples / reward_args.reward_batch_size))
+    return max(reward_args.reward_epochs, math.ceil(reward_args.reward_min_steps / steps_per_epoch))
+
+
 def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Examples, progress: bool = True,
         on_step=None) -> tuple[RewardModel, dict]:
     """Fit a fresh reward model on `train`, normalise it, evaluate it on `val`.
@@ -502,6 +511,7 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     bs = reward_args.reward_batch_size
     mbs = min(reward_args.reward_micro_batch_size, bs)
     steps_per_epoch = math.ceil(len(items) / bs)
+    epochs = epoch_count(len(items), reward_args)
     rng = random.Random(reward_args.seed)
 
     if reward_args.reward_gradient_checkpointing:  # transformers checkpoints only in train mode (dropout on)
@@ -510,9 +520,9 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
     else:
         rm.model.eval()  # dropout off, as in PPO and TRL's disable_dropout; about 2x faster forward passes on CPU
     loop_started = time.perf_counter()
-    bar = tqdm(total=steps_per_epoch * reward_args.reward_epochs, desc="reward model", unit="step", disable=not progress)
+    bar = tqdm(total=steps_per_epoch * epochs, desc="reward model", unit="step", disable=not progress)
     distributed.broadcast_params(params)  # launched data-parallel: every process starts from rank 0's weights
-    for epoch in range(reward_args.reward_epochs):
+    for epoch in range(epochs):
         rng.shuffle(items)  # seeded alike on every process: they all see the same global batches
         epoch_loss, epoch_correct, epoch_pairs = 0.0, 0, 0
         for start in range(0, len(items), bs):
@@ -572,8 +582,9 @@ def fit(model_args: ModelArgs, reward_args: RewardArgs, train: Examples, val: Ex
         "val_accuracy_lo": val_pairs["lo"],
         "val_accuracy_hi": val_pairs["hi"],
         "val_pointwise_accuracy": val_points["accuracy"],
-        "steps": steps_per_epoch * reward_args.reward_epochs,
-        "pairs_per_s": len(items) * reward_args.reward_epochs / train_seconds,
+        "epochs": epochs,
+        "steps": steps_per_epoch * epochs,
+        "pairs_per_s": len(items) * epochs / train_seconds,
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - started,
         "normalizer": {"mean": rm.mean, "std": rm.std, "n": rm.n},
