@@ -310,7 +310,8 @@ def test_fit_packed_and_padded_learn_the_same_model(tiny_dir, monkeypatch):
     rng = random.Random(0)
     pairs = [Pair(LONG_PROMPT + (("user", f"And question {i}?"),), f"Answer {rng.randrange(100)} with banana.", f"Answer {rng.randrange(100)}.",
                   f"conv-{i}", "comparison") for i in range(8)]
-    args = RewardArgs(reward_lr=3e-3, reward_epochs=1, reward_batch_size=4, reward_micro_batch_size=2, reward_max_length=256, min_pairs=1)
+    args = RewardArgs(reward_lr=3e-3, reward_epochs=1, reward_min_steps=0, reward_batch_size=4, reward_micro_batch_size=2, reward_max_length=256,
+                      min_pairs=1)
     train = Examples(pairs=pairs)
     on, metrics_on = reward.fit(model_args, args, train, Examples(), progress=False)
     assert len(calls) == 4  # 8 pairs, 2 per micro-batch
