@@ -8,10 +8,11 @@
 A cycle fits two reward models on disjoint folds of its snapshot (trainer/steps.py:
 `folds`, `fit_reward_pair`) and trains only when their cross-fitted validation
 accuracy (each pair scored by the model that did not see it) has a 95% lower bound
-above 0.5 (trainer/gate.py). This script repeats exactly that fit, once per
+above 0.5 (trainer/gate.py). This script runs that very step (`fit_reward_pair`, into
+a temporary directory), once per
 --setting (RewardArgs fields, `name=value`, applied to the defaults), on the same
 folds, and reports the pooled accuracy with its Wilson interval, the optimiser steps
-and the seconds. Nothing is saved; the store is only read.
+and the seconds. Nothing is kept; the store is only read.
 
 Data: a feedback store (`--db`, e.g. the work directory `bench/loop.py --keep`
 leaves), optionally cut back to what a given cycle saw (`--cycles-log` and
@@ -29,7 +30,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import sqlite3
 import sys
 import tempfile
@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from assistant.config import ModelArgs, add_args, from_args  # noqa: E402
 from bench.common import HH_HARMLESS, RESULTS, machine, write_results  # noqa: E402
-from trainer.config import RewardArgs  # noqa: E402
+from trainer.config import RewardArgs, ScheduleArgs  # noqa: E402
 
 TABLES = ("votes", "vote_events", "comparisons", "corrections", "rankings")
 
@@ -135,10 +135,9 @@ def main() -> None:
             db = store_upto(args.db, args.cycles_log, args.upto_cycle, work)
             source = f"{args.db} up to cycle {args.upto_cycle}"
         else:
-            db = work / "feedback.db"
-            shutil.copy(args.db, db)
-            source = str(args.db)
-        examples = build_examples(read_snapshot(db))
+            db, source = args.db, str(args.db)  # read_snapshot opens it read-only
+        snapshot = read_snapshot(db)
+    examples = build_examples(snapshot)
     if args.labels == "coin":
         examples = coin_labels(examples, args.seed)
     fold_a, fold_b = steps.folds(examples)
@@ -148,23 +147,20 @@ def main() -> None:
 
     rows = []
     for overrides in settings:
-        base = dataclasses.replace(RewardArgs(), **overrides)
-        base.validate()
         started = time.perf_counter()
-        n = correct = 0
-        per_fold = {}
-        for role, train, val, seed in (("policy", fold_a, fold_b, base.seed), ("judge", fold_b, fold_a, base.seed + 1)):
-            _, m = reward.fit(model_args, dataclasses.replace(base, seed=seed), train, val, progress=True)
-            per_fold[role] = {k: m.get(k) for k in ("val_accuracy", "val_pairs", "val_pointwise_accuracy", "train_accuracy", "train_loss",
-                                                    "val_loss", "steps", "epochs", "train_seconds", "seconds")}
-            if m.get("val_accuracy") is not None:
-                n += m["val_pairs"]
-                correct += round(m["val_accuracy"] * m["val_pairs"])
-        acc, lo, hi = reward.accuracy_ci(correct, n)
-        row = {"setting": overrides or "defaults", "val_pairs": n, "val_correct": correct, "val_accuracy": acc if n else None,
-               "val_accuracy_lo": lo, "val_accuracy_hi": hi, "folds": per_fold,
-               "seconds": time.perf_counter() - started}
-        row["trusted"] = bool(n) and lo > 0.5  # the gate's check at its default --min-val-accuracy
+        with tempfile.TemporaryDirectory(prefix="reward-signal-models-") as reward_dir:
+            base = dataclasses.replace(RewardArgs(), **overrides, reward_dir=reward_dir)
+            base.validate()
+            fit = steps.fit_reward_pair(model_args, base, snapshot, examples)
+            per_fold = {role: {k: reward.read_manifest(reward_dir, version)["metrics"].get(k)
+                               for k in ("val_accuracy", "val_pairs", "val_pointwise_accuracy", "train_accuracy", "train_loss",
+                                         "val_loss", "steps", "epochs", "train_seconds", "seconds")}
+                        for role, version in (("policy", fit.policy_version), ("judge", fit.judge_version))}
+        sig = fit.signal
+        n, acc, lo, hi = sig["val_pairs"], sig["val_accuracy"], sig["val_accuracy_lo"], sig["val_accuracy_hi"]
+        row = {"setting": overrides or "defaults", "val_pairs": n, "val_correct": sig["val_correct"], "val_accuracy": acc,
+               "val_accuracy_lo": lo, "val_accuracy_hi": hi, "folds": per_fold, "seconds": time.perf_counter() - started,
+               "trusted": not gate.fit_reasons(sig, ScheduleArgs())}  # the gate's check at its defaults
         rows.append(row)
         print(f"  {json.dumps(row['setting'])}: cross-fitted accuracy {acc:.3f} [{lo:.3f}, {hi:.3f}] on {n} pairs; "
               f"steps {per_fold['policy']['steps']} + {per_fold['judge']['steps']}; {row['seconds']:.0f} s", flush=True)
