@@ -6,6 +6,7 @@ Layout under `data/adapters/`:
         adapter_config.json
         adapter_model.safetensors
         manifest.json   # parent, reward model, feedback id range, metrics, status, created_at
+        evaluation.jsonl  # after the gate: each held-out pair it judged (prompt, both replies, judge scores)
     CURRENT             # one line: the version the server should serve
     LIVE                # optional: a candidate the Compare mode puts against CURRENT
 
@@ -51,6 +52,7 @@ from assistant.config import BASE_VERSION
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
+EVALUATION_FILE = "evaluation.jsonl"
 VERSION_RE = re.compile(r"^v\d{6}$")
 POINTER = "CURRENT"
 LIVE_POINTER = "LIVE"
@@ -223,6 +225,28 @@ def update_manifest(adapters_dir: str | Path, version: str, status: str | None =
     os.replace(tmp, d / "manifest.json")
     fsync_dir(d)
     return manifest
+
+
+def write_evaluation(adapters_dir: str | Path, version: str, rows: list[dict]) -> Path:
+    """Replace a version's EVALUATION_FILE (one JSON object per line), atomically."""
+    d = Path(adapters_dir) / check_version(version, allow_base=False)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".evaluation.")
+    with os.fdopen(fd, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / EVALUATION_FILE)
+    fsync_dir(d)
+    return d / EVALUATION_FILE
+
+
+def read_evaluation(adapters_dir: str | Path, version: str) -> list[dict]:
+    """The pairs the gate judged for `version` ([] when it was never evaluated)."""
+    path = Path(adapters_dir) / check_version(version, allow_base=False) / EVALUATION_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

@@ -80,7 +80,11 @@ and sample index (a win counts 1, a tie ½), with 95% Wilson intervals and the n
 of pairs; the served adapter's mean words and share of replies that ended (emitted
 EOS, from the replies table); from the trainer's cycles log the KL to the parent and
 to the base, the reward model's validation accuracy and the gate's judge win rate
-with their intervals; the wall time of feedback, trainer, hot-swap wait and
+with their intervals; for every candidate the gate judged, promoted or not, its judged
+pairs (the adapter's evaluation.jsonl) scored again by the hidden preference: the
+candidate's win rate there and how often the gate's judge picked the hidden
+preference's side (a wrong refusal shows as a high hidden win rate on a rejected
+candidate); the wall time of feedback, trainer, hot-swap wait and
 measurement. Summary: the served adapter's win rate against the base after the last
 cycle, the promotions, and the regressions (promotions whose win rate against the
 previous adapter has a 95% interval wholly below 0.5). The policy step's metrics
@@ -550,6 +554,21 @@ def win_rate(pref, tag: str, new: list[str], old: list[str]) -> dict:
             "win_rate": rate, "win_rate_lo": lo, "win_rate_hi": hi, "winners": winners}
 
 
+def judged_by_hidden(pref, tag: str, judged: list[dict]) -> dict | None:
+    """The gate's own pairs (the candidate's and the served version's replies to held-out prompts,
+    as the trainer kept them in the adapter's evaluation.jsonl) judged again by the hidden preference:
+    its win rate for the candidate, and the share of decisive pairs where the gate's judge (the reward
+    model's scores) and the hidden preference pick the same side. None when there are no pairs."""
+    if not judged:
+        return None
+    wr = win_rate(pref, tag, [j["candidate"] for j in judged], [j["current"] for j in judged])
+    winners = wr.pop("winners")
+    both = [(w, j) for w, j in zip(winners, judged) if w != "tie" and j["candidate_score"] != j["current_score"]]
+    agree = sum((w == "new") == (j["candidate_score"] > j["current_score"]) for w, j in both)
+    rate, lo, hi = wilson(agree, len(both)) if both else (None, None, None)
+    return {**wr, "judge_agreement": rate, "judge_agreement_lo": lo, "judge_agreement_hi": hi, "judge_agreement_n": len(both)}
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -705,14 +724,20 @@ def ppo_line(history: list[dict] | None, stop_reason: str | None) -> str:
     return f"PPO: {len(history)} iterations ({stop_reason or '–'}); " + ", ".join(parts)
 
 
+def gate_hidden(gh: dict | None) -> str:
+    if not gh:
+        return "–"
+    return f"{ci(gh, 'win_rate')} / {ci(gh, 'judge_agreement')} (n={gh['judge_agreement_n']})"
+
+
 def cycle_table(baseline: dict, cycles: list[dict]) -> list[str]:
     lines = ["| cycle | decision | step | serving | win rate vs base [95% CI] | vs previous [95% CI] | pairs | words | ended | "
-             "KL parent / base | reward val acc [95% CI] (n) | gate win rate [95% CI] | feedback: cmp / chat / corrected | "
-             "wall s: feedback / trainer / swap / measure |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "KL parent / base | reward val acc [95% CI] (n) | gate win rate [95% CI] | gate pairs, hidden judge [95% CI] / judge agrees | "
+             "feedback: cmp / chat / corrected | wall s: feedback / trainer / swap / measure |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     if baseline:
         st = baseline.get("replies") or {}
-        lines.append(f"| 0 | baseline | – | base | – | – | – | {fmt(st.get('mean_words'), '.1f')} | {fmt(st.get('ended'), '.2f')} | – | – | – | – | "
+        lines.append(f"| 0 | baseline | – | base | – | – | – | {fmt(st.get('mean_words'), '.1f')} | {fmt(st.get('ended'), '.2f')} | – | – | – | – | – | "
                      f"– / – / – / {fmt(baseline.get('seconds'), '.0f')} |")
     for c in cycles:
         served, vb, vp = c.get("served") or {}, c.get("vs_base"), c.get("vs_previous")
@@ -726,7 +751,8 @@ def cycle_table(baseline: dict, cycles: list[dict]) -> list[str]:
             f"{(vb or {}).get('pairs', '–')} | {fmt(served.get('mean_words'), '.1f')} | {fmt(served.get('ended'), '.2f')} | "
             f"{fmt(c.get('kl_parent'), '.2f')} / {fmt(c.get('kl_base'), '.2f')} | "
             f"{ci(c, 'reward_val_accuracy')} (n={na(c.get('reward_val_pairs'))}) | "
-            f"{ci(c, 'gate_win_rate')} | {fb.get('comparisons', '–')} / {fb.get('chats', '–')} / {fb.get('corrections', '–')} | "
+            f"{ci(c, 'gate_win_rate')} | {gate_hidden(c.get('gate_pairs_hidden'))} | "
+            f"{fb.get('comparisons', '–')} / {fb.get('chats', '–')} / {fb.get('corrections', '–')} | "
             + " / ".join(fmt(ph.get(k), ".1f" if k == "swap_wait" else ".0f") for k in ("feedback", "trainer", "swap_wait", "measurement"))
             + " |")
     return lines
@@ -940,6 +966,10 @@ def main() -> None:
                 version = c["version"]
                 manifest = read_json(files["adapters_dir"] / version / "manifest.json") if version else {}
                 c["policy"] = {key: manifest.get(key) for key in ("policy_step", "sft_first", "sft_skipped", "sft", "rows", "prompts", "stop_reason", "seconds", "metrics")}
+                judged = []
+                if version and (files["adapters_dir"] / version / "evaluation.jsonl").is_file():
+                    judged = [json.loads(x) for x in (files["adapters_dir"] / version / "evaluation.jsonl").read_text().splitlines() if x.strip()]
+                c["gate_pairs_hidden"] = judged_by_hidden(pref, f"c{k}-gate", judged)
                 rmanifest = read_json(files["reward_dir"] / c["reward_version"] / "manifest.json") if c["reward_version"] else {}
                 c["reward_model"] = {"version": c["reward_version"], **{key: rmanifest.get(key) for key in ("examples", "metrics", "seconds")}}
                 print(f"  cycle {k} {c['decision']} {version or ''} after {ph['trainer']:.0f}s (exit code {rc}): "
@@ -948,6 +978,10 @@ def main() -> None:
                       f"decisive pairs {na(c['decisive_pairs'])} (min {na(c['min_decisive_pairs'])}); judge {na(c['judge_version'])}: "
                       f"gate win rate {ci(c, 'gate_win_rate')} on {na(c['gate_prompts'])} prompts; KL parent {fmt(c['kl_parent'], '.2f')}, "
                       f"base {fmt(c['kl_base'], '.2f')}; {step_line(manifest)}", flush=True)
+                gh = c["gate_pairs_hidden"]
+                if gh:
+                    print(f"  the gate's {gh['pairs']} pairs by the hidden preference: candidate win rate {ci(gh, 'win_rate')}; "
+                          f"the judge picks the hidden preference's side on {ci(gh, 'judge_agreement')} of {gh['judge_agreement_n']} decisive pairs", flush=True)
 
                 # c. when promoted: the app swaps, and the held-out prompts are measured on the new adapter
                 promoted = promoted_version(entry)

@@ -773,3 +773,19 @@ def test_promote_refuses_when_current_moved_since_the_evaluation(published):
     assert read_current(published) == "v000001" and read_manifest(published, "v000002")["status"] == "candidate"
     assert adapters_mod.promote(published, "v000002", expect_current="v000001") == "v000001"
     assert read_current(published) == "v000002"
+
+
+def test_the_gates_judged_pairs_are_written_beside_a_version_and_read_back(published):
+    from assistant.adapters import EVALUATION_FILE, read_evaluation, write_evaluation
+
+    assert read_evaluation(published, "v000001") == []  # never evaluated
+    rows = [{"prompt": "Say hi", "candidate": "Hi 👋", "current": "Hello there.", "candidate_score": 0.5, "current_score": -0.25},
+            {"prompt": "Line\nbreaks", "candidate": "a\nb", "current": "", "candidate_score": 0.0, "current_score": 1.0}]
+    path = write_evaluation(published, "v000001", rows)
+    assert path == published / "v000001" / EVALUATION_FILE and len(path.read_text().splitlines()) == 2
+    assert read_evaluation(published, "v000001") == rows
+    write_evaluation(published, "v000001", rows[:1])  # a second evaluation replaces the first
+    assert read_evaluation(published, "v000001") == rows[:1]
+    assert not [p for p in (published / "v000001").iterdir() if p.name.startswith(".")]  # no temporary left behind
+    with pytest.raises(InvalidAdapter):
+        write_evaluation(published, "../v000001", rows)

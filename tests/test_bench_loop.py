@@ -246,3 +246,22 @@ def test_summary_without_promotions_and_for_the_control():
     table = loop.cycle_table({"replies": {"mean_words": 50.0, "ended": 0.8}, "seconds": 12.0}, cycles)
     assert len(table) == 4 and "| 1 | rejected | – | base | – | – |" in table[3]
     assert loop.summary_table(s, "shorter")[2].startswith("| shorter | 1 |")
+
+
+def test_the_gates_pairs_judged_again_by_the_hidden_preference():
+    pref = loop.make_preference(loop.parse_args(["--preference", "shorter"]))
+    short, long = "Paris.", LONG
+    judged = [  # candidate shorter and the judge agrees; candidate longer and the judge agrees; shorter, judge disagrees; a tie
+        {"prompt": "p", "candidate": short, "current": long, "candidate_score": 1.0, "current_score": 0.0},
+        {"prompt": "p", "candidate": long, "current": short, "candidate_score": -1.0, "current_score": 0.5},
+        {"prompt": "p", "candidate": short, "current": long, "candidate_score": 0.0, "current_score": 2.0},
+        {"prompt": "p", "candidate": short, "current": short, "candidate_score": 0.3, "current_score": 0.3},
+    ]
+    gh = loop.judged_by_hidden(pref, "c1-gate", judged)
+    assert (gh["pairs"], gh["wins"], gh["ties"], gh["losses"]) == (4, 2, 1, 1) and gh["win_rate"] == pytest.approx(2.5 / 4)
+    assert gh["judge_agreement_n"] == 3 and gh["judge_agreement"] == pytest.approx(2 / 3)
+    assert gh["judge_agreement_lo"] < 2 / 3 < gh["judge_agreement_hi"]
+    assert loop.judged_by_hidden(pref, "c1-gate", []) is None
+    row = loop.cycle_table({}, [{"cycle": 1, "decision": "rejected", "promoted": None, "gate_pairs_hidden": gh,
+                                 "served": {"version": "base"}}])[2]
+    assert "0.625 [" in row and "(n=3)" in row

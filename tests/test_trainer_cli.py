@@ -655,6 +655,13 @@ def test_a_candidate_the_gate_refuses_is_rejected_and_cannot_be_promoted(by_hand
     manifest = adapters.read_manifest(by_hand.adapters, version)
     assert manifest["status"] == "rejected" and not manifest["gate"]["passed"]
     assert any(r.startswith("KL to the parent") for r in manifest["reasons"])
+    # every pair the judge scored is kept beside the rejected adapter, not in its manifest
+    judged = adapters.read_evaluation(by_hand.adapters, version)
+    assert "judged" not in manifest["evaluation"] and manifest["evaluation"]["judged_file"] == adapters.EVALUATION_FILE
+    assert len(judged) == manifest["evaluation"]["replies"] == 8
+    assert all(set(j) == {"prompt", "candidate", "current", "candidate_score", "current_score"} for j in judged)
+    margin = sum(j["candidate_score"] - j["current_score"] for j in judged) / len(judged)
+    assert margin == pytest.approx(manifest["evaluation"]["margin"], abs=1e-6)
 
     code, _, err = run_main(capsys, "promote", version, "--adapters-dir", str(by_hand.adapters), *by_hand.lock, *by_hand.model)
     assert code == 2 and f"{version} is rejected (KL to the parent" in err

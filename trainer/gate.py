@@ -287,6 +287,9 @@ def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens},
         "samples": [{"prompt": prompts[i][-1]["content"][:200], "candidate": x, "current": y}
                     for i, x, y in list(zip(order, cand_texts, cur_texts))[:3]],
+        # every pair the judge scored; judge_candidate moves these out of the manifest into EVALUATION_FILE
+        "judged": [{"prompt": prompts[i][-1]["content"], "candidate": x, "current": y, "candidate_score": s, "current_score": t}
+                   for i, x, y, s, t in zip(order, cand_texts, cur_texts, cand_scores, cur_scores)],
     }
 
 

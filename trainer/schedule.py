@@ -331,6 +331,8 @@ def judge_candidate(model_args: ModelArgs, reward_args: RewardArgs, ppo_args: PP
             return fit.judge_rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
 
         evaluation = gate.evaluate(model_args, adir, version, against, eval_prompts, judge_fn, sched, ppo_args, val_pairs=fit.fold_b.pairs)
+        adapters.write_evaluation(adir, version, evaluation.pop("judged", []))
+        evaluation["judged_file"] = adapters.EVALUATION_FILE
     return evaluation, gate.gate(evaluation, finite_error, sched)
 
 
