@@ -865,6 +865,7 @@ def main() -> None:
     suffix = "" if args.policy_step == PolicyArgs.policy_step else f"-{args.policy_step}"
     out = Path(args.out or RESULTS / f"loop-{args.preference}{suffix}.json")
 
+    from assistant.adapters import read_evaluation
     from tests.server import running_app
 
     pref = make_preference(args)
@@ -966,9 +967,7 @@ def main() -> None:
                 version = c["version"]
                 manifest = read_json(files["adapters_dir"] / version / "manifest.json") if version else {}
                 c["policy"] = {key: manifest.get(key) for key in ("policy_step", "sft_first", "sft_skipped", "sft", "rows", "prompts", "stop_reason", "seconds", "metrics")}
-                judged = []
-                if version and (files["adapters_dir"] / version / "evaluation.jsonl").is_file():
-                    judged = [json.loads(x) for x in (files["adapters_dir"] / version / "evaluation.jsonl").read_text().splitlines() if x.strip()]
+                judged = read_evaluation(files["adapters_dir"], version) if version else []
                 c["gate_pairs_hidden"] = judged_by_hidden(pref, f"c{k}-gate", judged)
                 rmanifest = read_json(files["reward_dir"] / c["reward_version"] / "manifest.json") if c["reward_version"] else {}
                 c["reward_model"] = {"version": c["reward_version"], **{key: rmanifest.get(key) for key in ("examples", "metrics", "seconds")}}

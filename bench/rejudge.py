@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="default: bench/results/rejudge-PREFERENCE-VERSION.json")
     args = ap.parse_args(argv)
 
-    result = json.loads(args.results.read_text())
+    try:
+        result = json.loads(args.results.read_text())
+    except (OSError, ValueError) as exc:
+        sys.exit(f"error: cannot read the loop results {args.results}: {exc}")
     work = result.get("work_dir")
     if not work or not (Path(work) / "adapters" / args.version / "manifest.json").is_file():
         sys.exit(f"error: {args.results} names no kept work directory holding adapters/{args.version} "
