@@ -123,6 +123,19 @@ def test_the_gate_refuses_a_candidate_that_held_out_judgements_say_is_worse(tiny
     assert e["kl_parent"] == e["kl_base"] > 0  # it did move away from the base
 
 
+def test_the_gates_evaluation_shows_its_progress_in_pairs(tiny_args, tmp_path, capsys):
+    model_args = tiny_args(lora_dropout=0.0)
+    version = trained_towards(model_args, tmp_path, lambda p: p.chosen)
+    sched = ScheduleArgs(eval_replies=6, eval_max_new_tokens=2)
+    gate.evaluate(model_args, tmp_path, version, BASE_VERSION, default_prompts()[:2], lambda p, t: torch.zeros(len(t)), sched,
+                  PPOArgs(temperature=1.0, top_p=1.0), chunk=4, progress=True)
+    err = capsys.readouterr().err
+    assert f"gate {version} vs {BASE_VERSION}" in err and "6/6" in err and "pair" in err, err
+    gate.evaluate(model_args, tmp_path, version, BASE_VERSION, default_prompts()[:2], lambda p, t: torch.zeros(len(t)), sched,
+                  PPOArgs(temperature=1.0, top_p=1.0), chunk=4)
+    assert "gate " not in capsys.readouterr().err  # quiet unless asked
+
+
 def test_held_out_judgements_credit_a_candidate_that_moved_towards_what_people_chose(tiny_args, tmp_path):
     model_args = tiny_args(lora_dropout=0.0)
     better = trained_towards(model_args, tmp_path, lambda p: p.chosen)

@@ -204,25 +204,27 @@ def human_agreement(model, tok, pairs, current: str, max_pairs: int = 128, batch
 
 
 def evaluate(model_args: ModelArgs, adapters_dir, candidate: str, current: str, prompts: list[list[dict]], judge_fn,
-             sched: ScheduleArgs, ppo_args: PPOArgs, val_pairs=(), chunk: int = 32) -> dict:
+             sched: ScheduleArgs, ppo_args: PPOArgs, val_pairs=(), chunk: int = 32, progress: bool = False) -> dict:
     """Candidate vs current on held-out prompts (module docstring, steps 2-3).
 
     `prompts` repeat, with fresh samples, until there are --eval-replies replies a side;
     both sides sample chunk by chunk from the same seeds, at the served temperature and
     top-p, capped at --eval-max-new-tokens. `judge_fn(prompts, texts) -> (B,)` scores.
     KL (k1, nats per reply, on the candidate's samples, logits at the sampling
-    temperature) to the parent (current) and to the base."""
+    temperature) to the parent (current) and to the base. With `progress`, a bar
+    counts the pairs sampled and judged."""
     from trainer.shared import release
 
     tok, model = load_pair(model_args, adapters_dir, candidate, current)
     try:
-        return _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args, val_pairs, chunk)
+        return _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args, val_pairs, chunk, progress)
     finally:
         release(model, "candidate", "current")
 
 
-def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args, val_pairs, chunk) -> dict:
+def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args, val_pairs, chunk, progress=False) -> dict:
     import torch
+    from tqdm.auto import tqdm
 
     from trainer import ppo
 
@@ -236,7 +238,8 @@ def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args
     device = next(model.parameters()).device
     cand_texts, cur_texts, cand_scores, cur_scores = [], [], [], []
     kl_parent, kl_base, ended, cur_ended, lengths, cur_lengths, degenerate, cur_degenerate = [], [], [], [], [], [], 0, 0
-    with torch.no_grad():
+    bar = tqdm(total=len(order), desc=f"gate {candidate} vs {current}", unit="pair", disable=not progress)
+    with torch.no_grad(), bar:
         for c, start in enumerate(range(0, len(order), chunk)):
             idx = order[start : start + chunk]
             qs, ps = [queries[i] for i in idx], [prompts[i] for i in idx]
@@ -264,6 +267,7 @@ def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args
             cur_lengths += b.mask.sum(1).tolist()
             degenerate += ppo.degenerate(a.texts, a.responses, a.mask)
             cur_degenerate += ppo.degenerate(b.texts, b.responses, b.mask)
+            bar.update(len(idx))
         agreement = human_agreement(model, tok, val_pairs, current)
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     outcome = paired_outcomes(cand_scores, cur_scores, [x == y for x, y in zip(cand_texts, cur_texts)])

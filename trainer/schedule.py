@@ -313,7 +313,7 @@ def gather(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, 
 
 
 def judge_candidate(model_args: ModelArgs, reward_args: RewardArgs, ppo_args: PPOArgs, sched: ScheduleArgs, version: str, against: str,
-                    eval_prompts: list, fit) -> tuple[dict, list[str]]:
+                    eval_prompts: list, fit, progress: bool = False) -> tuple[dict, list[str]]:
     """Step 4: `version` against `against` (the served version) on held-out prompts,
     judged by fit.judge_rm, with held-out human agreement on the judge's fold (fit.fold_b);
     then the gate. Returns (evaluation, reasons to refuse; empty: it passes)."""
@@ -330,7 +330,8 @@ def judge_candidate(model_args: ModelArgs, reward_args: RewardArgs, ppo_args: PP
         def judge_fn(prompts, texts):
             return fit.judge_rm.score(prompts, texts, batch_size=reward_args.reward_eval_batch_size)
 
-        evaluation = gate.evaluate(model_args, adir, version, against, eval_prompts, judge_fn, sched, ppo_args, val_pairs=fit.fold_b.pairs)
+        evaluation = gate.evaluate(model_args, adir, version, against, eval_prompts, judge_fn, sched, ppo_args, val_pairs=fit.fold_b.pairs,
+                                   progress=progress)
         adapters.write_evaluation(adir, version, evaluation.pop("judged", []))
         evaluation["judged_file"] = adapters.EVALUATION_FILE
     return evaluation, gate.gate(evaluation, finite_error, sched)
@@ -457,7 +458,8 @@ def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArg
             result.version, result.parent = version, manifest["parent"]
             # (4) evaluate on evidence PPO did not optimise against
             lock.phase("evaluate")
-            result.evaluation, result.reasons = judge_candidate(model_args, reward_args, ppo_args, sched, version, result.parent, eval_prompts, fit)
+            result.evaluation, result.reasons = judge_candidate(model_args, reward_args, ppo_args, sched, version, result.parent, eval_prompts, fit,
+                                                                progress)
             # (5) decide
             lock.phase("decide")
             result.decision = decide(adir, version, result.evaluation, result.reasons, result.parent, fit.judge_version, sched)
@@ -533,7 +535,8 @@ def evaluate_version(model_args: ModelArgs, data_args: DataArgs, reward_args: Re
             snapshot, fit = got
             _, eval_prompts = cycle_prompts(snapshot, ppo_args, sched)
             lock.phase("evaluate")
-            result.evaluation, result.reasons = judge_candidate(model_args, reward_args, ppo_args, sched, version, against, eval_prompts, fit)
+            result.evaluation, result.reasons = judge_candidate(model_args, reward_args, ppo_args, sched, version, against, eval_prompts, fit,
+                                                                progress)
             lock.phase("decide")
             result.decision = decide(adir, version, result.evaluation, result.reasons, against, fit.judge_version, sched, promote=False)
         result.seconds = time.perf_counter() - t0
