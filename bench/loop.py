@@ -3,6 +3,7 @@
     .venv/bin/python bench/loop.py                          # "shorter" users, 3 cycles, the app's default trainer settings
     .venv/bin/python bench/loop.py --preference fuller      # users who like longer, fuller replies
     .venv/bin/python bench/loop.py --preference listy       # users who like replies laid out as a list
+    .venv/bin/python bench/loop.py --preference summary     # users who want a reply to open with "In short: ..."
     .venv/bin/python bench/loop.py --preference coin        # the control: users who flip a coin
     .venv/bin/python bench/loop.py --policy-step dpo        # another policy step (labelled: not the default)
     .venv/bin/python bench/loop.py --cycles 2 --feedback-prompts 8 --heldout-prompts 8 --users 2   # smoke run
@@ -34,6 +35,13 @@ and a `rewrite` (the correction the user types, or None):
   (a format preference, not a length one). 👍 for 2 or more. Correction: the reply's
   sentences (split at sentence ends and newlines) as "- " bullet lines, when it has
   2 or more sentences.
+- summary: replies that open with a one-line summary, "In short: ...": score 2 when
+  the first non-empty line starts with "In short:" and has at most 30 words, 1 when
+  some other line does, 0 otherwise, −1 for an empty reply. 👍 for 2. A format the
+  base model almost never produces by itself, so A/B choices are mostly ties and the
+  corrections carry the signal. Correction: "In short: " and the reply's first
+  sentence (cut to 25 words), a blank line, then the reply (for an empty reply, the
+  first sentence of the task's reference output alone).
 - coin: the control. Each user flips a coin seeded from --seed and the user's name:
   A or B at random, 👍 or 👎 at random, never a correction. Its win rates are judged
   by a fair coin seeded per pair; the figure that counts is its promotions (0 of N
@@ -265,6 +273,39 @@ class Listy(Preference):
         return "\n".join(f"- {s}" for s in parts) if len(parts) >= 2 else None
 
 
+SUMMARY_LEAD = re.compile(r"^\s*(?:[*_#>]+\s*)?in short\s*:", re.IGNORECASE)
+
+
+class Summary(Preference):
+    """Prefers replies that open with a one-line summary ("In short: ..."); 2 when the first
+    line is one of at most 30 words, 1 when a later line is, 0 without one, −1 for an empty reply."""
+
+    name = "summary"
+    description = 'prefers replies that open with a one-line "In short:" summary'
+    max_words = 30
+
+    def score(self, text: str) -> float:
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            return -1.0
+        if SUMMARY_LEAD.match(lines[0]) and len(lines[0].split()) <= self.max_words:
+            return 2.0
+        return 1.0 if any(SUMMARY_LEAD.match(line) for line in lines) else 0.0
+
+    def thumb(self, text: str) -> tuple[int, str]:
+        return (1, "") if self.score(text) >= 2 else (-1, "Unhelpful" if not text.strip() else "No summary first")
+
+    def rewrite(self, text: str, task: dict) -> str | None:
+        if self.score(text) >= 2:
+            return None
+        body = text.strip()
+        first = sentences(body)[:1] or sentences(reference(task))[:1]
+        if not first:
+            return None
+        lead = "In short: " + cut_to_words(first[0], self.max_words - 5)
+        return f"{lead}\n\n{body}" if body else lead
+
+
 class Coin(Preference):
     """The control: a coin flip (seeded from --seed and the user's name) decides every choice and thumb."""
 
@@ -286,7 +327,7 @@ class Coin(Preference):
         return (1, "") if self.rng.random() < 0.5 else (-1, "Dislike")
 
 
-PREFERENCES = {"shorter": Shorter, "fuller": Fuller, "listy": Listy, "coin": Coin}
+PREFERENCES = {"shorter": Shorter, "fuller": Fuller, "listy": Listy, "summary": Summary, "coin": Coin}
 
 
 def make_preference(args: argparse.Namespace) -> Preference:

@@ -125,6 +125,31 @@ def test_listy_rewrite_needs_two_sentences():
     assert loop.Listy().rewrite("", TASK) is None
 
 
+# -- summary ----------------------------------------------------------------------------
+
+
+def test_summary_wants_a_short_in_short_line_first():
+    pref = loop.Summary()
+    assert pref.score("In short: Paris.\n\nParis is the capital of France.") == 2
+    assert pref.score("**In short:** Paris.") == 2 and pref.score("  in SHORT: yes") == 2
+    assert pref.score("In short: " + "word " * 40) == 1  # a summary line, but not a one-liner
+    assert pref.score("Paris is the capital.\nIn short: Paris.") == 1
+    assert pref.score("Paris is the capital of France.") == 0 and pref.score("  \n") == -1
+    assert pref.thumb("In short: Paris.") == (1, "") and pref.thumb("Paris.")[0] == -1
+
+
+def test_summary_rewrite_leads_with_the_first_sentence_and_keeps_the_reply():
+    pref = loop.Summary()
+    text = "Paris is the capital of France. It is on the Seine."
+    new = pref.rewrite(text, TASK)
+    assert new == "In short: Paris is the capital of France.\n\n" + text and pref.score(new) == 2 > pref.score(text)
+    assert pref.rewrite(new, TASK) is None  # already what they want
+    lead = pref.rewrite("", TASK)
+    assert lead.startswith("In short: ") and "\n" not in lead and pref.score(lead) == 2
+    long_first = pref.rewrite("word " * 60 + "end.", TASK)
+    assert pref.score(long_first) == 2
+
+
 # -- coin -------------------------------------------------------------------------------
 
 
@@ -140,7 +165,7 @@ def test_coin_never_rewrites_and_is_seeded_per_user():
 
 
 def test_deterministic_preferences_are_their_own_seeded_copy():
-    for pref in (loop.Shorter(), loop.Fuller(), loop.Listy()):
+    for pref in (loop.Shorter(), loop.Fuller(), loop.Listy(), loop.Summary()):
         assert pref.seeded("anyone") is pref and not pref.control
     assert loop.Coin().control
 
@@ -160,7 +185,7 @@ def test_make_preference_passes_the_cli_params():
     assert loop.make_preference(ns).max_words == 7
     assert loop.make_preference(argparse.Namespace(**{**vars(ns), "preference": "fuller"})).full_words == 99
     assert loop.make_preference(argparse.Namespace(**{**vars(ns), "preference": "coin"})).seed == 5
-    assert sorted(loop.PREFERENCES) == ["coin", "fuller", "listy", "shorter"]
+    assert sorted(loop.PREFERENCES) == ["coin", "fuller", "listy", "shorter", "summary"]
 
 
 # -- prompts and feedback picks -------------------------------------------------------------
