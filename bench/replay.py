@@ -19,7 +19,9 @@ run's hidden preference (bench/rejudge.py `hidden_judgement`: the gate's own
 sampling, at the served settings, on the run's held-out prompts, `--replies` a side);
 with `--judge-refused` also every candidate the gate refused, since a refusal can be
 wrong. Each cycle's gate pairs (candidate against its parent) are judged by the
-hidden preference too, as bench/loop.py does.
+hidden preference too, as bench/loop.py does. The kept run's own served adapter is
+judged the same way first (its step's row, "kept"), so every row of the final table
+is measured alike, by this script; `--no-kept` skips it.
 
 What it does not replay: the kept run's later feedback was given on the replies of
 the adapter that run served, not on the replayed step's; the replay answers "which
@@ -132,6 +134,33 @@ def judge_step(out: dict, run: argparse.Namespace, replies: int, prompts: int | 
                 c["refused_vs_base"] = hidden_judgement(run, adapters_dir, c["version"], "base", replies, prompts=prompts)
 
 
+def kept_row(run: argparse.Namespace, kept: dict, work: Path, cycles: int, replies: int, prompts: int | None,
+             judge_refused: bool) -> dict:
+    """The kept run's own cycles, as a row of the tables: what its trainer decided, and the adapter
+    it served after `cycles` cycles judged against the base exactly as the replayed steps are."""
+    rows = []
+    served = "base"
+    for c in kept["cycles"][:cycles]:
+        rows.append({key: c.get(key) for key in ("cycle", "decision", "version", "reasons", "rows", "feedback_ids", "kl_parent", "kl_base",
+                                                  "gate_pairs_hidden")} | {"seconds": (c.get("phases_s") or {}).get("trainer") or 0.0})
+        served = c.get("promoted") or served
+    out = {"policy_step": f"{run.policy_step} (kept run)", "served": served, "work_dir": str(work), "cycles": rows}
+    if served != "base" and not (work / "adapters" / served / "manifest.json").is_file():
+        raise SystemExit(f"error: the kept run served {served}, but {work / 'adapters' / served} is gone")
+    judge_step(out, run, replies, prompts, judge_refused)
+    return detach_pairs(out)
+
+
+def detach_pairs(s: dict) -> dict:
+    """Move the judged pairs of a step's judgements into its `pairs_detail`."""
+    s["pairs_detail"] = {"vs_base": (s.get("vs_base") or {}).get("judged"),
+                         **{f"refused_c{c['cycle']}": c["refused_vs_base"]["judged"] for c in s["cycles"] if c.get("refused_vs_base")}}
+    s["vs_base"] = brief(s["vs_base"])
+    for c in s["cycles"]:
+        c["refused_vs_base"] = brief(c.get("refused_vs_base"))
+    return s
+
+
 def brief(ev: dict | None) -> dict | None:
     """A hidden judgement without its pairs (they stay in `pairs_detail`)."""
     return None if ev is None else {k: v for k, v in ev.items() if k != "judged"}
@@ -171,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replies", type=int, default=64, help="replies a side in the final judgement against the base")
     ap.add_argument("--prompts", type=int, help="judge on only the first N held-out prompts (a smoke run; default: all)")
     ap.add_argument("--judge-refused", action="store_true", help="also judge every refused candidate against the base")
+    ap.add_argument("--no-kept", action="store_true", help="do not judge the kept run's own served adapter")
     ap.add_argument("--keep", action="store_true", help="keep the replay's work directories (adapters, reward models, logs)")
     ap.add_argument("--out", type=Path, help="default: bench/results/replay-PREFERENCE-STEP[-STEP...].json")
     args = ap.parse_args(argv)
@@ -190,15 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bench/replay.py: the '{run.preference}' feedback of {args.results} ({cycles} cycles, kept step {run.policy_step}) "
           f"through {', '.join(args.policy_step)}; work dir {root}\n{machine()}", flush=True)
     try:
+        if not args.no_kept:
+            s = kept_row(run, kept, work, cycles, args.replies, args.prompts, args.judge_refused)
+            result["steps"].append(s)
+            write_results(out, result)
         for step in args.policy_step:
             s = replay_step(step, run, kept, work / "feedback.db", root, cycles)
             judge_step(s, run, args.replies, args.prompts, args.judge_refused)
-            s["pairs_detail"] = {"vs_base": (s.get("vs_base") or {}).get("judged"),
-                                 **{f"refused_c{c['cycle']}": c["refused_vs_base"]["judged"] for c in s["cycles"] if c.get("refused_vs_base")}}
-            s["vs_base"] = brief(s["vs_base"])
-            for c in s["cycles"]:
-                c["refused_vs_base"] = brief(c.get("refused_vs_base"))
-            result["steps"].append(s)
+            result["steps"].append(detach_pairs(s))
             write_results(out, result)
     finally:
         if not args.keep:

@@ -84,7 +84,8 @@ def test_plumbing_replay_gives_each_cycle_the_kept_snapshot_and_waits_on_too_lit
     out = tmp_path / "replay.json"
     replay.main(["--results", str(results), "--policy-step", "dpo", "--out", str(out)])
     r = json.loads(out.read_text())
-    (step,) = r["steps"]
+    kept_row, step = r["steps"]
+    assert kept_row["policy_step"] == "ppo (kept run)" and kept_row["served"] == "base" and kept_row["vs_base"] is None
     assert step["policy_step"] == "dpo" and step["served"] == "base" and step["vs_base"] is None
     assert [c["decision"] for c in step["cycles"]] == ["waiting", "waiting"]
     assert [c["feedback_ids"] for c in step["cycles"]] == [k["feedback_ids"] for k in kept]
@@ -92,9 +93,30 @@ def test_plumbing_replay_gives_each_cycle_the_kept_snapshot_and_waits_on_too_lit
     assert "--policy-step dpo" in step["trainer_command"]
     printed = capsys.readouterr().out
     assert "| dpo | 1 | waiting" in printed and "| dpo | base (nothing promoted) |" in printed
+    assert "| ppo (kept run) | 2 | waiting" in printed
 
 
 def test_replay_needs_the_kept_work_directory(tmp_path, tiny_dir):
     results, _ = _kept_run(tmp_path, tiny_dir, work=False)
     with pytest.raises(SystemExit, match="run bench/loop.py with --keep"):
         replay.main(["--results", str(results), "--policy-step", "ppo"])
+
+
+def test_the_kept_runs_served_adapter_is_judged_against_the_base_like_the_replayed_steps(tmp_path, tiny_dir, make_adapter):
+    results, kept = _kept_run(tmp_path, tiny_dir)
+    make_adapter(tmp_path / "work" / "adapters" / "v000001", seed=3)
+    data = json.loads(results.read_text())
+    data["cycles"][1].update(decision="promoted", version="v000001", promoted="v000001")
+    results.write_text(json.dumps(data))
+    out = tmp_path / "replay.json"
+    replay.main(["--results", str(results), "--policy-step", "sft", "--cycles", "1", "--replies", "4", "--prompts", "2", "--out", str(out)])
+    kept_row, step = json.loads(out.read_text())["steps"]
+    assert len(kept_row["cycles"]) == 1 and kept_row["served"] == "base"  # --cycles 1: the promotion in cycle 2 is not reached
+    assert len(step["cycles"]) == 1
+    replay.main(["--results", str(results), "--policy-step", "sft", "--cycles", "2", "--replies", "4", "--prompts", "2", "--out", str(out)])
+    kept_row = json.loads(out.read_text())["steps"][0]
+    v = kept_row["vs_base"]
+    assert kept_row["served"] == "v000001" and v["against"] == "base" and v["pairs"] == 4 == len(kept_row["pairs_detail"]["vs_base"])
+    words = lambda t: len(t.split()) or 10**9  # noqa: E731  (shorter: fewer words wins, an empty reply is the worst)
+    for j in kept_row["pairs_detail"]["vs_base"]:
+        assert j["winner"] == ("new" if words(j["candidate"]) < words(j["current"]) else "old" if words(j["current"]) < words(j["candidate"]) else "tie")
