@@ -614,3 +614,12 @@ def test_run_schedule_backs_up_the_feedback_database_when_it_starts_and_then_eve
     made = backup.backups(tmp_path / "backups")
     assert len(made) == 3  # at 12:00, 13:00 and 14:05
     assert all(backup.integrity(p) == "ok" for p in made)
+
+
+def test_the_cycles_step_label_says_after_sft_only_when_sft_ran_before_another_step():
+    """The label in the cycles log and on the dashboard follows what the step reported it ran."""
+    assert schedule.step_label("ppo", {"sft": {"rows": 9}, "sft_first": True}) == "ppo after sft"
+    assert schedule.step_label("dpo", {"rows": {"sft": 9, "dpo": 12}, "sft_first": True}) == "dpo after sft"
+    assert schedule.step_label("sft", {"rows": {"sft": 9}, "sft_first": True}) == "sft"
+    assert schedule.step_label("kto", {"rows": {"kto": 30}, "sft_first": True, "sft_skipped": "2 demonstrations"}) == "kto"
+    assert schedule.step_label("ppo", {"sft_first": False}) == "ppo"

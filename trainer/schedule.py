@@ -277,6 +277,13 @@ def _phase(lock, name: str) -> None:
         lock.phase(name)
 
 
+def step_label(step: str, manifest: dict) -> str:
+    """The policy step as the cycle ran it: "ppo after sft" only when SFT ran before another step
+    (not for `sft` itself, nor when --sft-first found too few demonstrations)."""
+    ran_sft = "sft" in manifest or "sft" in (manifest.get("rows") or {})
+    return f"{step} after sft" if step != "sft" and ran_sft else step
+
+
 def gather(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, sched: ScheduleArgs, result: CycleResult,
            lock=None, progress: bool = True):
     """Steps 1-2: snapshot the feedback, check the signal, fit the policy's reward model
@@ -449,13 +456,14 @@ def run_cycle(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArg
 
             # (3) the policy step from the served adapter, on fold A and the training prompts only
             lock.phase(policy_args.policy_step)
-            result.policy_step = policy_args.policy_step + (" after sft" if policy_args.sft_first else "")
+            result.policy_step = policy_args.policy_step  # made precise once the step reports what it ran
             train_prompts, eval_prompts = cycle_prompts(snapshot, ppo_args, sched)
             version, manifest = steps.run_policy(model_args, data_args, reward_args, ppo_args, policy_args, progress=progress,
                                                  reward_fn=score_fn, reward_version=fit.policy_version, prompts=train_prompts,
                                                  snapshot=snapshot, examples=fit.fold_a,
                                                  extra={"judge_model": fit.judge_version, "eval_prompts": len(eval_prompts)})
             result.version, result.parent = version, manifest["parent"]
+            result.policy_step = step_label(policy_args.policy_step, manifest)
             # (4) evaluate on evidence PPO did not optimise against
             lock.phase("evaluate")
             result.evaluation, result.reasons = judge_candidate(model_args, reward_args, ppo_args, sched, version, result.parent, eval_prompts, fit,
