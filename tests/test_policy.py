@@ -107,6 +107,53 @@ def test_sft_on_corrections_raises_their_likelihood_and_leaves_the_base_weights_
     assert_base_untouched(model, before)
 
 
+@pytest.mark.parametrize("original, edited, marked", [
+    ([1, 2, 3, 4], [9, 9, 1, 2, 3, 4], [1, 1, 0, 0, 0, 0]),  # a lead put in front: only the lead
+    ([1, 2, 3, 4, 5, 0], [1, 2, 0], [0, 0, 1]),  # cut short: the end, where the cut reply stops
+    ([1, 2, 3, 4], [1, 7, 3, 4], [0, 1, 0, 0]),  # one word replaced
+    ([1, 2, 3], [1, 2, 3], [0, 0, 0]),  # unchanged
+])
+def test_edited_tokens_marks_what_the_person_wrote_and_where_they_cut(original, edited, marked):
+    assert policy.edited_tokens(original, edited) == marked
+
+
+def test_the_sft_loss_of_a_correction_is_on_its_edit_and_of_a_demonstration_on_the_whole_reply(tiny_args):
+    _, tok = policy.build_policy(tiny_args(), None)
+    body = "Paris is the capital of France and its largest city."
+    lead = "In short: Paris."
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    correction = {"prompt": prompt, "completion": policy._assistant(f"{lead}\n\n{body}"), "original": body}
+    thumb = {"prompt": prompt, "completion": policy._assistant(body)}
+
+    def target(row, mode):
+        [out] = policy.sft_dataset_rows([row], tok, 512, mode)
+        assert len(out["input_ids"]) == len(out["labels"])
+        return tok.decode([t for t in out["labels"] if t != -100])
+
+    edit = target(correction, "edits")
+    assert lead in edit and "capital" not in edit, edit  # the lead alone, not the copied body
+    assert f"{lead}\n\n{body}" in target(correction, "whole")
+    assert body in target(thumb, "edits")  # a 👍 reply has no original: all of it
+    prompt_text = tok.decode(policy.sft_dataset_rows([thumb], tok, 512, "edits")[0]["input_ids"])
+    assert "capital of France?" in prompt_text and "capital of France?" not in target(thumb, "edits")
+    with pytest.raises(ValueError, match="sft-corrections"):
+        policy.sft_dataset_rows([thumb], tok, 512, "most")
+
+
+def test_sft_on_the_edit_alone_raises_the_likelihood_of_the_edit(tiny_args, tmp_path):
+    """A correction that puts a lead in front of the model's reply: SFT on the edit
+    makes the lead likelier after the prompt."""
+    model, tok = policy.build_policy(tiny_args(), None)
+    pa, ppo_args = settings(tmp_path, sft_epochs=3, sft_corrections="edits")
+    body = "it depends on many things"
+    ex = Examples(pairs=[Pair(_prompt(p), f"Short: yes.\n\n{body}", body, f"k{i}", "correction") for i, p in enumerate(PROMPTS)])
+    before = [float(reply_logprob(model, tok, p.prompt, "Short: yes.")) for p in ex.pairs]
+    policy.train_step("sft", model, tok, pa, ppo_args, examples=ex, progress=False)
+    after = [float(reply_logprob(model, tok, p.prompt, "Short: yes.")) for p in ex.pairs]
+    gains = [a - b for a, b in zip(after, before)]
+    assert min(gains) > 1.0, gains
+
+
 def dpo_loss(model, tok, ex: Examples, beta: float) -> float:
     margins = [log_ratio(model, tok, p.prompt, p.chosen) - log_ratio(model, tok, p.prompt, p.rejected) for p in ex.pairs]
     return float(-F.logsigmoid(beta * torch.tensor(margins)).mean())

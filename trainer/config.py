@@ -133,6 +133,8 @@ class PolicyArgs:
     sft_lr: float = _f(2e-4, "AdamW learning rate of SFT on the LoRA adapter")
     policy_epochs: int = _f(2, "DPO/KTO: passes over the feedback")
     sft_epochs: int = _f(2, "SFT: passes over the demonstrations")
+    sft_min_steps: int = _f(36, "SFT: at least this many optimiser steps, however few the demonstrations (more passes over them)")
+    sft_corrections: str = _f("edits", "SFT on a correction: loss on the tokens the person changed (edits) or on the whole corrected reply (whole)")
     policy_iterations: int = _f(6, "GRPO/RLOO: optimiser steps (each samples --num-generations replies to --policy-batch-size prompts)")
     policy_batch_size: int = _f(4, "DPO/KTO/SFT: rows per optimiser step; GRPO/RLOO: prompts per step")
     policy_grad_accum: int = _f(1, "DPO/KTO/SFT: gradient accumulation steps")
@@ -150,13 +152,15 @@ class PolicyArgs:
             raise ValueError(f"--policy-step must be one of {', '.join(POLICY_STEPS)}, got {self.policy_step!r}")
         if self.dpo_loss not in DPO_LOSSES:
             raise ValueError(f"--dpo-loss must be one of {', '.join(DPO_LOSSES)}, got {self.dpo_loss!r}")
-        for name in ("policy_epochs", "sft_epochs", "policy_iterations", "policy_batch_size", "policy_grad_accum", "policy_max_length", "min_policy_rows"):
+        for name in ("policy_epochs", "sft_epochs", "sft_min_steps", "policy_iterations", "policy_batch_size", "policy_grad_accum", "policy_max_length", "min_policy_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.num_generations < 2:
             raise ValueError(f"--num-generations must be at least 2 (a group baseline needs two replies), got {self.num_generations}")
         if self.policy_lr <= 0 or self.sft_lr <= 0 or self.beta <= 0:
             raise ValueError("--policy-lr, --sft-lr and --beta must be positive")
+        if self.sft_corrections not in ("edits", "whole"):
+            raise ValueError(f"--sft-corrections must be edits or whole, got {self.sft_corrections!r}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
