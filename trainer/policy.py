@@ -169,8 +169,8 @@ def _steps_per_epoch(rows: int, policy_args) -> int:
 def sft_steps(rows: int, policy_args) -> int:
     """SFT's optimiser steps on `rows` demonstrations: --sft-epochs passes, and at least
     --sft-min-steps. A few corrections are the strongest signal a cycle gets, and 9 of
-    them at batch 4 for 2 epochs are 6 steps, which on the default model taught a format
-    the base never writes in none of 24 replies, where 36 steps taught it in 21."""
+    them at batch 4 for 2 epochs are 6 steps: too few for a format the base never writes
+    to reach its sampled replies (docs/benchmarks.md, users who want a summary line)."""
     return max(policy_args.sft_epochs * _steps_per_epoch(rows, policy_args), policy_args.sft_min_steps)
 
 
