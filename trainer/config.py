@@ -15,6 +15,7 @@ from assistant.config import ServeArgs
 
 POLICY_STEPS = ("ppo", "dpo", "kto", "sft", "grpo", "rloo")
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down")
+SFT_CORRECTIONS = ("edits", "whole")  # a correction's SFT loss: on the tokens the person changed, or on the whole reply
 SERVED = ServeArgs()  # rollouts and evaluation sample the way the app serves replies
 
 
@@ -159,8 +160,8 @@ class PolicyArgs:
             raise ValueError(f"--num-generations must be at least 2 (a group baseline needs two replies), got {self.num_generations}")
         if self.policy_lr <= 0 or self.sft_lr <= 0 or self.beta <= 0:
             raise ValueError("--policy-lr, --sft-lr and --beta must be positive")
-        if self.sft_corrections not in ("edits", "whole"):
-            raise ValueError(f"--sft-corrections must be edits or whole, got {self.sft_corrections!r}")
+        if self.sft_corrections not in SFT_CORRECTIONS:
+            raise ValueError(f"--sft-corrections must be one of {', '.join(SFT_CORRECTIONS)}, got {self.sft_corrections!r}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
 

@@ -45,11 +45,10 @@ from trainer.data import Examples, prompt_messages
 
 log = logging.getLogger("trainer")
 
-from trainer.config import DPO_LOSSES, POLICY_STEPS as STEPS
+from trainer.config import DPO_LOSSES, SFT_CORRECTIONS, POLICY_STEPS as STEPS
 
 TRL_STEPS = tuple(s for s in STEPS if s != "ppo")
 __all__ = ["DPO_LOSSES", "STEPS", "TRL_STEPS", "ADAPTER", "build_policy", "train_step", "read_demonstrations"]
-SFT_CORRECTIONS = ("edits", "whole")  # a correction's SFT loss: on the tokens the person changed, or on the whole reply
 ADAPTER = "default"  # the trainable adapter's peft name, the one TRL copies into "ref"
 
 
@@ -111,7 +110,7 @@ def sft_rows(examples: Examples, demonstrations: list[dict] | None = None) -> li
 
 def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
 
 
 def edited_tokens(original: list[int], edited: list[int]) -> list[int]:
