@@ -7,6 +7,7 @@ Layout under `data/adapters/`:
         adapter_model.safetensors
         manifest.json   # parent, reward model, feedback id range, metrics, status, created_at
         evaluation.jsonl  # after the gate: each held-out pair it judged (prompt, both replies, judge scores)
+        reference_adapter.safetensors  # when its optimising step ran after SFT: the SFT result's LoRA weights
     CURRENT             # one line: the version the server should serve
     LIVE                # optional: a candidate the Compare mode puts against CURRENT
 
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
 EVALUATION_FILE = "evaluation.jsonl"
+REFERENCE_FILE = "reference_adapter.safetensors"  # the SFT result a candidate's optimising step started from (the gate's KL budget)
 VERSION_RE = re.compile(r"^v\d{6}$")
 POINTER = "CURRENT"
 LIVE_POINTER = "LIVE"

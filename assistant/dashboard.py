@@ -387,11 +387,13 @@ def _interval(value, lo, hi, n) -> str:
 
 def kl_by_version(manifests: list[dict]) -> pd.DataFrame:
     """KL of each evaluated version to its parent (that cycle's change) and to the base
-    (all cycles), in nats per reply: `version`, `series`, `kl`."""
+    (all cycles), and the two the gate budgets (what the optimising step added, this
+    cycle and over the lineage; trainer/gate.py), in nats per reply: `version`, `series`, `kl`."""
     rows = []
     for m in manifests:
         e = m.get("evaluation") or {}
-        for key, series in (("kl_parent", "to the parent (this cycle)"), ("kl_base", "to the base (in total)")):
+        for key, series in (("kl_parent", "to the parent (this cycle)"), ("kl_base", "to the base (in total)"),
+                            ("kl_optimised", "budgeted: this cycle's optimisation"), ("kl_optimised_total", "budgeted: optimisation over the lineage")):
             if isinstance(e.get(key), (int, float)):
                 rows.append({"version": m["version"], "series": series, "kl": float(e[key])})
     return pd.DataFrame(rows, columns=["version", "series", "kl"]).astype({"version": str, "series": str, "kl": float})
@@ -426,13 +428,15 @@ def versions_table(manifests: list[dict], serving: str, live: str | None) -> pd.
             "human agreement": _interval(h.get("share"), h.get("lo"), h.get("hi"), h.get("n")),
             "KL to parent": _num(e.get("kl_parent"), ".2f"),
             "KL to base": _num(e.get("kl_base"), ".2f"),
+            "budgeted KL": (f"{_num(e.get('kl_optimised'), '.2f')} / {_num(e.get('kl_optimised_total'), '.2f')}"
+                            if isinstance(e.get("kl_optimised"), (int, float)) else ""),
             "margin": _num(e.get("margin"), "+.3f"),
             "degenerate": _num(e.get("degenerate"), "d"),
             "live votes": f"{tally['wins']}/{tally['votes']} won" if tally.get("votes") else "",
             "reasons": "; ".join(m.get("reasons") or []),
         })
     columns = ["version", "status", "serving", "parent", "policy step", "rows used", "reward model", "created", "judge win rate", "human agreement", "KL to parent",
-               "KL to base", "margin", "degenerate", "live votes", "reasons"]
+               "KL to base", "budgeted KL", "margin", "degenerate", "live votes", "reasons"]
     return pd.DataFrame(rows, columns=columns).astype(str)
 
 

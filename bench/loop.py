@@ -680,6 +680,10 @@ def cycle_figures(entry: dict) -> dict:
         "gate_win_rate_hi": ev.get("win_rate_hi"),
         "kl_parent": ev.get("kl_parent"),
         "kl_base": ev.get("kl_base"),
+        "kl_reference": ev.get("kl_reference"),
+        "optimised_from": ev.get("optimised_from", "parent" if ev else None),
+        "kl_optimised": ev.get("kl_optimised"),
+        "kl_optimised_total": ev.get("kl_optimised_total"),
         "human_agreement": ev.get("human_agreement") or None,
     }
 
@@ -773,7 +777,7 @@ def gate_hidden(gh: dict | None) -> str:
 
 def cycle_table(baseline: dict, cycles: list[dict]) -> list[str]:
     lines = ["| cycle | decision | step | serving | win rate vs base [95% CI] | vs previous [95% CI] | pairs | words | ended | "
-             "KL parent / base | reward val acc [95% CI] (n) | gate win rate [95% CI] | gate pairs, hidden judge [95% CI] / judge agrees | "
+             "KL parent / base (budgeted: cycle / lineage) | reward val acc [95% CI] (n) | gate win rate [95% CI] | gate pairs, hidden judge [95% CI] / judge agrees | "
              "feedback: cmp / chat / corrected | wall s: feedback / trainer / swap / measure |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     if baseline:
@@ -790,7 +794,8 @@ def cycle_table(baseline: dict, cycles: list[dict]) -> list[str]:
         lines.append(
             f"| {c['cycle']} | {decision} | {c.get('policy_step') or '–'} | {served.get('version', '–')} | {ci(vb, 'win_rate')} | {ci(vp, 'win_rate')}{prev} | "
             f"{(vb or {}).get('pairs', '–')} | {fmt(served.get('mean_words'), '.1f')} | {fmt(served.get('ended'), '.2f')} | "
-            f"{fmt(c.get('kl_parent'), '.2f')} / {fmt(c.get('kl_base'), '.2f')} | "
+            f"{fmt(c.get('kl_parent'), '.2f')} / {fmt(c.get('kl_base'), '.2f')}"
+            + (f" ({fmt(c['kl_optimised'], '.2f')} / {fmt(c.get('kl_optimised_total'), '.2f')})" if c.get("kl_optimised") is not None else "") + " | "
             f"{ci(c, 'reward_val_accuracy')} (n={na(c.get('reward_val_pairs'))}) | "
             f"{ci(c, 'gate_win_rate')} | {gate_hidden(c.get('gate_pairs_hidden'))} | "
             f"{fb.get('comparisons', '–')} / {fb.get('chats', '–')} / {fb.get('corrections', '–')} | "
@@ -1017,7 +1022,8 @@ def main() -> None:
                 print(f"  reward model {na(c['reward_version'])}: val accuracy {ci(c, 'reward_val_accuracy')} (n={na(c['reward_val_pairs'])}), "
                       f"decisive pairs {na(c['decisive_pairs'])} (min {na(c['min_decisive_pairs'])}); judge {na(c['judge_version'])}: "
                       f"gate win rate {ci(c, 'gate_win_rate')} on {na(c['gate_prompts'])} prompts; KL parent {fmt(c['kl_parent'], '.2f')}, "
-                      f"base {fmt(c['kl_base'], '.2f')}; {step_line(manifest)}", flush=True)
+                      f"base {fmt(c['kl_base'], '.2f')}, budgeted {fmt(c['kl_optimised'], '.2f')} / {fmt(c['kl_optimised_total'], '.2f')}; "
+                      f"{step_line(manifest)}", flush=True)
                 gh = c["gate_pairs_hidden"]
                 if gh:
                     print(f"  the gate's {gh['pairs']} pairs by the hidden preference: candidate win rate {ci(gh, 'win_rate')}; "

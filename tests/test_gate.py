@@ -7,6 +7,9 @@ Run: python -m pytest tests/test_gate.py -q
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -29,10 +32,40 @@ GOOD = {"replies": 64, "win_rate": 0.7, "win_rate_lo": 0.58, "win_rate_hi": 0.8,
     ({"kl_parent": 13.0, "kl_base": 13.0}, "KL to the parent 13.00 over the per-cycle budget 12.00"),
     ({"kl_base": 41.0}, "KL to the base 41.00 over the total budget 40.00"),
     ({"degenerate": 2}, "2 degenerate replies out of 64 (at most 0)"),
+    # with the lineage (optimised_kl), the budgets count what the optimising step added
+    ({"optimised_from": "sft", "kl_optimised": 13.0, "kl_optimised_total": 13.0, "kl_parent": 60.0},
+     "KL of this cycle's optimisation (to the SFT result it started from) 13.00 over the per-cycle budget 12.00"),
+    ({"optimised_from": "parent", "kl_optimised": 3.0, "kl_optimised_total": 41.0}, "KL of the optimisation over all cycles 41.00 over the total budget 40.00"),
+    ({"optimised_from": None, "kl_optimised": 0.0, "kl_optimised_total": 5.0, "kl_parent": 65.0, "kl_base": 65.0}, None),
+    ({"optimised_from": "sft", "kl_optimised": 4.0, "kl_optimised_total": 9.0, "kl_parent": 65.0, "kl_base": 65.0}, None),
 ])
 def test_gate_names_each_failed_check(change, reason):
     reasons = gate.gate({**GOOD, **change}, None, ScheduleArgs())
     assert reasons == ([] if reason is None else [reasons[0]]) and (reason is None or reason in reasons[0])
+
+
+@pytest.mark.parametrize("manifest, spent", [
+    ({"optimised_from": "parent"}, 3.0),  # the step started from the parent: its KL to the parent
+    ({}, 3.0),  # written before the field: the same
+    ({"optimised_from": "sft"}, 1.5),  # from this cycle's SFT result: the KL to it
+    ({"optimised_from": None}, 0.0),  # SFT alone: imitation adds nothing
+])
+def test_the_budgeted_kl_is_what_the_optimising_step_added(manifest, spent):
+    e = {"kl_parent": 3.0, "kl_base": 7.0, "kl_reference": 1.5}
+    out = gate.optimised_kl(e, manifest, parent_spent=2.0)
+    assert out == {"optimised_from": manifest.get("optimised_from", "parent"), "kl_optimised": spent, "kl_optimised_total": 2.0 + spent}
+    assert gate.optimised_kl({"kl_parent": 3.0, "kl_reference": None}, {"optimised_from": "sft"}, 2.0)["kl_optimised"] is None
+
+
+def test_the_kl_a_lineage_has_spent_comes_from_the_parents_evaluation(tmp_path):
+    adir = tmp_path / "adapters"
+    for version, evaluation in (("v000001", {"kl_optimised_total": 4.5, "kl_base": 30.0}), ("v000002", {"kl_base": 9.0}), ("v000003", None)):
+        (adir / version).mkdir(parents=True)
+        (adir / version / "manifest.json").write_text(json.dumps({"version": version, **({"evaluation": evaluation} if evaluation else {})}))
+    assert gate.spent_kl(adir, BASE_VERSION) == 0.0 and gate.spent_kl(adir, None) == 0.0
+    assert gate.spent_kl(adir, "v000001") == 4.5
+    assert gate.spent_kl(adir, "v000002") == 9.0  # gated before the field: its KL to the base
+    assert gate.spent_kl(adir, "v000003") == 0.0
 
 
 def test_the_reward_margin_alone_never_promotes():
@@ -121,6 +154,22 @@ def test_the_gate_refuses_a_candidate_that_held_out_judgements_say_is_worse(tiny
     reasons = gate.gate(e, None, ScheduleArgs())
     assert any(r.startswith("held-out human judgements say it is worse") for r in reasons), reasons
     assert e["kl_parent"] == e["kl_base"] > 0  # it did move away from the base
+
+
+def test_the_gate_measures_kl_from_the_sft_result_saved_beside_a_candidate(tiny_args, tmp_path):
+    model_args = tiny_args(lora_dropout=0.0)
+    version = trained_towards(model_args, tmp_path, lambda p: p.chosen)
+    # the candidate's own weights as its reference: its KL from there is exactly zero, to the base it is not
+    shutil.copy(tmp_path / version / "adapter_model.safetensors", tmp_path / version / adapters.REFERENCE_FILE)
+    adapters.update_manifest(tmp_path, version, optimised_from="sft")
+    e = evaluate(model_args, tmp_path, version)
+    assert e["kl_parent"] > 0.1 and abs(e["kl_reference"]) < 1e-4, e
+    assert e["optimised_from"] == "sft" and e["kl_optimised"] == e["kl_reference"] and e["kl_optimised_total"] == e["kl_reference"]
+    assert not gate.gate({**e, "win_rate_lo": 0.6}, None, ScheduleArgs(kl_budget=0.05, kl_total_budget=0.05))  # nothing over budget
+    plain = trained_towards(model_args, tmp_path, lambda p: p.chosen)  # no reference file: budgeted from the parent
+    e = evaluate(model_args, tmp_path, plain)
+    assert e["kl_reference"] is None and e["kl_optimised"] == e["kl_parent"] > 0.1
+    assert any("KL of this cycle's optimisation (to the parent)" in r for r in gate.gate(e, None, ScheduleArgs(kl_budget=0.05)))
 
 
 def test_the_gates_evaluation_shows_its_progress_in_pairs(tiny_args, tmp_path, capsys):

@@ -21,6 +21,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from assistant import adapters
 from assistant.chat import Engine, GenParams, build_prompt
@@ -289,6 +290,9 @@ def test_each_policy_step_publishes_an_adapter_the_server_validates_and_hot_swap
     assert saved["policy_step"] == step and saved["parent"] == BASE_VERSION and saved["status"] == "candidate"
     if step != "ppo":
         assert saved["rows"][step] > 0 and saved["metrics"][step]
+    ran_sft = step != "sft" and ("sft" in saved or "sft" in (saved.get("rows") or {}))  # --sft-first, on the corrections
+    assert saved["optimised_from"] == (None if step == "sft" else "sft" if ran_sft else "parent")  # SFT alone only imitates
+    assert (tmp_path / "adapters" / version / adapters.REFERENCE_FILE).exists() == ran_sft
     adapters.validate(tmp_path / "adapters" / version, lora_config(model_args))
 
     engine = Engine(build_serving_policy(model_args))
@@ -312,6 +316,7 @@ def test_sft_first_then_dpo_records_both_stages_and_starts_from_the_parent(tiny_
     version, manifest = steps.run_policy(model_args, DataArgs(db=str(tmp_path / "none.db")), RewardArgs(), ppo_args, pa, progress=False, examples=ex)
     assert version == "v000002" and manifest["parent"] == "v000001" and manifest["sft_first"] is True
     assert manifest["rows"] == {"sft": len(corrections().pairs), "dpo": len(ex.pairs)}
+    assert manifest["optimised_from"] == "sft" and (adir / version / adapters.REFERENCE_FILE).exists()  # DPO is budgeted from the SFT result
 
 
 def test_sft_first_then_ppo_starts_ppo_from_the_sft_result_and_records_both(tiny_args, tmp_path):
@@ -322,7 +327,12 @@ def test_sft_first_then_ppo_starts_ppo_from_the_sft_result_and_records_both(tiny
                                          reward_fn=length_reward, reward_version="scripted", examples=corrections(),
                                          prompts=[[{"role": "user", "content": p}] for p in PROMPTS])
     assert manifest["policy_step"] == "ppo" and manifest["sft"]["rows"] == len(PROMPTS) and len(manifest["metrics"]) == 1
-    adapters.validate(tmp_path / "adapters" / version, lora_config(model_args))
+    d = tmp_path / "adapters" / version
+    adapters.validate(d, lora_config(model_args))
+    # the SFT result PPO was held to is saved beside the candidate: PPO's update moved away from it
+    assert manifest["optimised_from"] == "sft"
+    reference, candidate = load_file(str(d / adapters.REFERENCE_FILE)), load_file(str(d / "adapter_model.safetensors"))
+    assert reference.keys() == candidate.keys() and any(not torch.equal(reference[k], candidate[k]) for k in reference)
 
 
 def test_sft_first_without_enough_demonstrations_is_skipped_and_says_so(tiny_args, tmp_path):

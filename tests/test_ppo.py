@@ -387,12 +387,17 @@ def test_train_stops_when_kl_exceeds_the_ceiling(fresh_policy):
     cfg = ppo.PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, lr=1e-2, max_new_tokens=4,
                         missing_eos_penalty=None, target_kl=None, kl_ceiling=1e-6)
 
-    _, history, stop = ppo.train(model, tokenizer, default_prompts(), lowercase_fraction, cfg,
-                                 iterations=4, seed=0, progress=False, log=lambda s: None)
+    before = {n: t.clone() for n, t in snapshot(model).items() if n in set(lora_names(model))}
+    state, history, stop = ppo.train(model, tokenizer, default_prompts(), lowercase_fraction, cfg,
+                                     iterations=4, seed=0, progress=False, log=lambda s: None)
 
-    assert len(history) < 4
+    assert len(history) == 2 and history[0]["objective/kl"] == 0.0  # the first rollouts are the reference's own
     assert history[-1]["objective/kl"] > cfg.kl_ceiling
-    assert "ceiling" in stop
+    assert stop.startswith(f"KL {history[-1]['objective/kl']:.2f} above the ceiling") and stop.endswith("restored to those of iteration 1")
+    after = snapshot(model)
+    for name, weight in before.items():  # two updates went past the ceiling; the adapter hands on the weights measured under it
+        assert torch.equal(after[name], weight), f"{name} was not restored"
+    assert all(torch.count_nonzero(p) == 0 for p in state.value_head.parameters())  # the value head too (it starts at zero)
 
 
 # -- no built-in length bias; state and reference across cycles --------------------------------

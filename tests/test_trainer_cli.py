@@ -651,10 +651,10 @@ def test_a_candidate_the_gate_refuses_is_rejected_and_cannot_be_promoted(by_hand
     strict = [f if f != "1e6" else "1e-9" for f in GATE_OPEN]  # no KL at all allowed
     code, out, err = run_main(capsys, "evaluate", version, *by_hand.flags(*EVAL_FLAGS, *strict))
     assert code == 1, err[-3000:]
-    assert "refused by the gate (status: rejected)" in out and "- KL to the parent" in out
+    assert "refused by the gate (status: rejected)" in out and "- KL of this cycle's optimisation (to the parent)" in out
     manifest = adapters.read_manifest(by_hand.adapters, version)
     assert manifest["status"] == "rejected" and not manifest["gate"]["passed"]
-    assert any(r.startswith("KL to the parent") for r in manifest["reasons"])
+    assert any(r.startswith("KL of this cycle's optimisation (to the parent)") for r in manifest["reasons"])
     # every pair the judge scored is kept beside the rejected adapter, not in its manifest
     judged = adapters.read_evaluation(by_hand.adapters, version)
     assert "judged" not in manifest["evaluation"] and manifest["evaluation"]["judged_file"] == adapters.EVALUATION_FILE
@@ -664,7 +664,7 @@ def test_a_candidate_the_gate_refuses_is_rejected_and_cannot_be_promoted(by_hand
     assert margin == pytest.approx(manifest["evaluation"]["margin"], abs=1e-6)
 
     code, _, err = run_main(capsys, "promote", version, "--adapters-dir", str(by_hand.adapters), *by_hand.lock, *by_hand.model)
-    assert code == 2 and f"{version} is rejected (KL to the parent" in err
+    assert code == 2 and f"{version} is rejected (KL of this cycle's optimisation" in err
     assert adapters.read_current(by_hand.adapters) == BASE
 
 

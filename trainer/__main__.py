@@ -515,6 +515,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
         e = m.get("evaluation") or {}
         detail = (f"win rate {e['win_rate']:.2f} [{e['win_rate_lo']:.2f}, {e['win_rate_hi']:.2f}], KL {e['kl_parent']:.2f} to parent, {e['kl_base']:.2f} to base"
                   if all(isinstance(e.get(k), (int, float)) for k in ("win_rate", "win_rate_lo", "win_rate_hi", "kl_parent", "kl_base")) else "")
+        if detail and isinstance(e.get("kl_optimised"), (int, float)):
+            detail += f", {e['kl_optimised']:.2f} budgeted ({e['kl_optimised_total']:.2f} over the lineage)"
         g = m.get("gate") if isinstance(m.get("gate"), dict) and m.get("status") == "candidate" else None
         verdict = ("" if g is None else f"  evaluated against {g.get('against')}: " + ("passed; `promote` serves it" if g.get("passed") else
                    f"not passed: {'; '.join(g.get('reasons') or [])}"))

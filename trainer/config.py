@@ -93,7 +93,7 @@ class PPOArgs:
     init_kl_coef: float = _f(0.05, "initial β of the per-token KL penalty (the next cycle continues from the parent's β)")
     target_kl: float = _f(6.0, "KL to the parent (nats per reply) the adaptive controller steers to; 0 = keep β fixed")
     kl_horizon: int = _f(32, "rollouts over which the adaptive controller closes its gap to --target-kl")
-    kl_ceiling: float = _f(20.0, "stop the run early when mean KL per reply to the parent exceeds this")
+    kl_ceiling: float = _f(12.0, "when the rollouts' mean KL per reply to the reference (the parent, or the SFT result with --sft-first) exceeds this, stop and restore the last weights under it (default: the gate's --kl-budget)")
     cliprange: float = _f(0.2, "PPO ratio clip")
     cliprange_value: float = _f(0.2, "value-function clip")
     vf_coef: float = _f(0.1, "weight of the value loss")

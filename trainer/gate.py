@@ -19,10 +19,22 @@ In the order a cycle applies them:
 3. A paired win rate on held-out prompts (`evaluate`): --eval-replies sampled replies
    a side, candidate and current from the same seed with the served temperature and
    top-p, each pair judged by the judge reward model (fold B; PPO trained against
-   fold A's). Promotion needs the 95% lower bound above --min-win-rate (0.5). Also KL
-   to the parent (this cycle's change) under --kl-budget and to the base (all cycles)
-   under --kl-total-budget, no degenerate replies, finite weights. The reward-model
-   margin (judge's mean score, candidate minus current) is reported, never decisive.
+   fold A's). Promotion needs the 95% lower bound above --min-win-rate (0.5). Also no
+   degenerate replies, finite weights, and the KL the optimising step added under the
+   budgets (`optimised_kl`): this cycle's under --kl-budget, and the sum over the
+   lineage's promoted cycles under --kl-total-budget. The reward-model margin (judge's
+   mean score, candidate minus current) is reported, never decisive.
+
+   What the KL budgets count. They bound optimisation against a learnt signal (a reward
+   model, or preference pairs), which is what over-optimises (Gao et al., "Scaling Laws
+   for Reward Model Overoptimization"). Imitating the replies people wrote or liked
+   (SFT) is not that, and teaching a format they asked for moves the policy far: 65 nats
+   per reply in one measured case, against a per-cycle budget of 12. So, as InstructGPT
+   anchors PPO to its SFT model, a step that ran after SFT is budgeted from the SFT
+   result (saved beside the candidate, adapters.REFERENCE_FILE), a step without SFT from the
+   parent, and SFT alone adds nothing; the judge, the human agreement and the
+   degenerate-reply check still decide it. KL to the parent and to the base are
+   measured and reported for every candidate either way.
 4. Live A/B (`live_decision`), with --live-compare: one vote per user and prompt, a
    Beta(1 + wins, 1 + losses) posterior; promote when P(win rate > 0.5) reaches
    --live-confidence, reject when P(win rate < 0.5) does, withdraw after
@@ -35,11 +47,16 @@ the models. What it is not: the order of the steps (schedule.py) or training.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from assistant import annotators
 from assistant.config import BASE_VERSION, ModelArgs
 from trainer.config import PPOArgs, ScheduleArgs
+
+REFERENCE = "reference"  # peft name, in evaluation, of the SFT result a candidate's optimising step started from
 
 
 def wilson(successes: float, n: int) -> tuple[float, float, float]:
@@ -124,10 +141,17 @@ def gate(evaluation: dict, finite_error: str | None, sched: ScheduleArgs) -> lis
     if h.get("n") and h["hi"] < sched.min_human_agreement:
         reasons.append(f"held-out human judgements say it is worse: it moved towards the chosen reply on {h['share']:.0%} of "
                        f"{h['n']} validation pairs (95% CI {h['lo']:.2f}-{h['hi']:.2f})")
-    if e.get("kl_parent") is not None and e["kl_parent"] > sched.kl_budget:
-        reasons.append(f"KL to the parent {e['kl_parent']:.2f} over the per-cycle budget {sched.kl_budget:.2f}")
-    if e.get("kl_base") is not None and e["kl_base"] > sched.kl_total_budget:
-        reasons.append(f"KL to the base {e['kl_base']:.2f} over the total budget {sched.kl_total_budget:.2f}")
+    if "kl_optimised" in e:  # what the optimising step added (optimised_kl)
+        cycle_kl, total_kl = e.get("kl_optimised"), e.get("kl_optimised_total")
+        to = "the SFT result it started from" if e.get("optimised_from") == "sft" else "the parent"
+        cycle_what, total_what = f"KL of this cycle's optimisation (to {to})", "KL of the optimisation over all cycles"
+    else:  # an evaluation without the lineage: its plain KL to the parent and to the base
+        cycle_kl, total_kl = e.get("kl_parent"), e.get("kl_base")
+        cycle_what, total_what = "KL to the parent", "KL to the base"
+    if cycle_kl is not None and cycle_kl > sched.kl_budget:
+        reasons.append(f"{cycle_what} {cycle_kl:.2f} over the per-cycle budget {sched.kl_budget:.2f}")
+    if total_kl is not None and total_kl > sched.kl_total_budget:
+        reasons.append(f"{total_what} {total_kl:.2f} over the total budget {sched.kl_total_budget:.2f}")
     if e.get("degenerate", 0) > sched.max_degenerate:
         reasons.append(f"{e['degenerate']} degenerate replies out of {e.get('replies', '?')} (at most {sched.max_degenerate})")
     return reasons
@@ -135,15 +159,55 @@ def gate(evaluation: dict, finite_error: str | None, sched: ScheduleArgs) -> lis
 
 def load_pair(model_args: ModelArgs, adapters_dir, candidate: str, current: str):
     """(tokenizer, peft model) with adapters 'candidate' and, unless current is the base,
-    'current'; on the shared base of an open `trainer.shared.sharing` block, if any."""
+    'current', and REFERENCE when the candidate has one (adapters.REFERENCE_FILE); on the
+    shared base of an open `trainer.shared.sharing` block, if any."""
+    from assistant import adapters
     from trainer.shared import adapter_model
 
     d = Path(adapters_dir)
     tok, model = adapter_model(model_args, "candidate", path=d / candidate)
     if current != BASE_VERSION:
         model.load_adapter(str(d / current), adapter_name="current")
+    if (d / candidate / adapters.REFERENCE_FILE).exists():  # the SFT result its optimising step started from
+        with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+            shutil.copy(d / candidate / "adapter_config.json", tmp)
+            os.symlink((d / candidate / adapters.REFERENCE_FILE).resolve(), Path(tmp) / "adapter_model.safetensors")
+            model.load_adapter(tmp, adapter_name=REFERENCE)
     model.eval()
     return tok, model
+
+
+def optimised_kl(evaluation: dict, manifest: dict, parent_spent: float) -> dict:
+    """The KL the gate budgets: what this cycle's optimising step added, and that summed
+    over the lineage (module docstring, step 3).
+
+    `manifest` is the candidate's: `optimised_from` "parent" (the step started from
+    the parent: the KL to the parent), "sft" (it started from this cycle's SFT result:
+    the KL to those weights, `kl_reference`) or None (SFT alone, imitation: 0).
+    Manifests written before the field existed count as "parent". `parent_spent` is
+    the parent's `kl_optimised_total` (0 for the base)."""
+    source = manifest.get("optimised_from", "parent")
+    if source == "sft":
+        spent = evaluation.get("kl_reference")
+    elif source is None:
+        spent = 0.0
+    else:
+        spent = evaluation.get("kl_parent")
+    if spent is None:
+        return {"optimised_from": source, "kl_optimised": None, "kl_optimised_total": None}
+    return {"optimised_from": source, "kl_optimised": spent, "kl_optimised_total": parent_spent + spent}
+
+
+def spent_kl(adapters_dir, version: str | None) -> float:
+    """A promoted version's `kl_optimised_total` (0 for the base; its KL to the base when
+    it was gated before that field existed)."""
+    from assistant import adapters
+
+    if version in (None, BASE_VERSION):
+        return 0.0
+    e = adapters.read_manifest(adapters_dir, version).get("evaluation") or {}
+    value = e.get("kl_optimised_total", e.get("kl_base"))
+    return float(value) if value is not None else 0.0
 
 
 def _logprobs_as(model, name: str, fn):
@@ -215,11 +279,15 @@ def evaluate(model_args: ModelArgs, adapters_dir, candidate: str, current: str, 
     counts the pairs sampled and judged."""
     from trainer.shared import release
 
+    from assistant import adapters
+
+    manifest = adapters.read_manifest(adapters_dir, candidate)
     tok, model = load_pair(model_args, adapters_dir, candidate, current)
     try:
-        return _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args, val_pairs, chunk, progress)
+        e = _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args, val_pairs, chunk, progress)
     finally:
-        release(model, "candidate", "current")
+        release(model, "candidate", "current", REFERENCE)
+    return {**e, **optimised_kl(e, manifest, spent_kl(adapters_dir, manifest.get("parent")))}
 
 
 def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args, val_pairs, chunk, progress=False) -> dict:
@@ -237,7 +305,8 @@ def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args
     cur_name = "current" if current != BASE_VERSION else BASE_VERSION
     device = next(model.parameters()).device
     cand_texts, cur_texts, cand_scores, cur_scores = [], [], [], []
-    kl_parent, kl_base, ended, cur_ended, lengths, cur_lengths, degenerate, cur_degenerate = [], [], [], [], [], [], 0, 0
+    kl_parent, kl_base, kl_ref, ended, cur_ended, lengths, cur_lengths, degenerate, cur_degenerate = [], [], [], [], [], [], [], 0, 0
+    has_reference = REFERENCE in model.peft_config
     bar = tqdm(total=len(order), desc=f"gate {candidate} vs {current}", unit="pair", disable=not progress)
     with torch.no_grad(), bar:
         for c, start in enumerate(range(0, len(order), chunk)):
@@ -261,6 +330,8 @@ def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args
             fmask = mask.float()
             kl_parent += (ppo.kl_k1(own, logp(cur_name)) * fmask).sum(1).tolist()
             kl_base += (ppo.kl_k1(own, logp(BASE_VERSION)) * fmask).sum(1).tolist() if current != BASE_VERSION else kl_parent[-len(idx):]
+            if has_reference:
+                kl_ref += (ppo.kl_k1(own, logp(REFERENCE)) * fmask).sum(1).tolist()
             ended += a.ended.tolist()
             cur_ended += b.ended.tolist()
             lengths += a.mask.sum(1).tolist()
@@ -279,6 +350,7 @@ def _evaluate(model, tok, candidate, current, prompts, judge_fn, sched, ppo_args
         "margin": mean(cand_scores) - mean(cur_scores),
         "kl_parent": mean(kl_parent),
         "kl_base": mean(kl_base),
+        "kl_reference": mean(kl_ref),  # to the SFT result the optimising step started from (None: none saved)
         "degenerate": degenerate,
         "current_degenerate": cur_degenerate,
         "candidate_ended": mean([float(x) for x in ended]),

@@ -223,7 +223,7 @@ class PPOConfig:
     init_kl_coef: float = 0.05
     target_kl: float | None = 6.0  # adaptive controller target; None = fixed kl_coef
     kl_horizon: int = 32  # in rollouts
-    kl_ceiling: float = 20.0  # mean sequence KL above this stops the run
+    kl_ceiling: float = 12.0  # mean sequence KL above this stops the run and restores the last weights under it
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
@@ -610,8 +610,11 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig
     """Run PPO iterations on `model`'s trainable adapter; returns (state, history, stop_reason).
 
     `state` continues a previous run's value head and KL controller (a fresh one when
-    None); `ref_adapter` is the frozen reference adapter (None: the base). Stops early
-    when KL exceeds the ceiling; a non-finite value raises NonFiniteError after skipping
+    None); `ref_adapter` is the frozen reference adapter (None: the base). When the
+    rollouts' mean KL to the reference exceeds `cfg.kl_ceiling`, the run stops and the
+    adapter and value head go back to the last weights whose rollouts were under it
+    (the starting ones if none were), so a run never hands on weights known to be past
+    the ceiling; the last iteration's update, never rolled out, is kept. A non-finite value raises NonFiniteError after skipping
     the update, so the caller keeps the last good adapter.
 
     Launched data-parallel (trainer/distributed.py), every process draws the same global
@@ -637,9 +640,11 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig
     eos_ids, pad_id = special_ids(model, tokenizer)
     rng = torch.Generator().manual_seed(seed)  # the same on every process: they draw the same global batches
     history, stop = [], "completed"
+    kept = None  # (iteration, weights) of the last weights whose own rollouts were under the ceiling
     bar = tqdm(range(iterations), desc="ppo", unit="iter", disable=not progress)
     for it in bar:
         pick = distributed.shard(torch.randint(len(prompts), (cfg.batch_size,), generator=rng).tolist())  # this process's share
+        before = [p.detach().clone() for p in params]  # the weights this iteration rolls out with
         metrics = ppo_iteration(model, value_head, optimizer, tokenizer, [queries[i] for i in pick], [prompts[i] for i in pick],
                                 reward_fn, cfg, kl_ctl, eos_ids, pad_id, ref_adapter)
         metrics["iteration"] = it + 1
@@ -647,8 +652,17 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn, cfg: PPOConfig
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         log(format_metrics(metrics))
         if kl_too_high(metrics, cfg):
-            stop = f"KL {metrics['objective/kl']:.2f} above the ceiling {cfg.kl_ceiling}"
+            # the weights that rolled out this batch are already past the ceiling, and this
+            # iteration's update went further: go back to the last ones measured under it
+            restore = kept[1] if kept is not None else before
+            with torch.no_grad():
+                for p, w in zip(params, restore):
+                    p.copy_(w)
+            last = f"those of iteration {kept[0]}" if kept is not None else "the starting ones"
+            stop = f"KL {metrics['objective/kl']:.2f} above the ceiling {cfg.kl_ceiling}: weights restored to {last}"
+            log(stop)
             break
+        kept = (it + 1, before)
     return state, history, stop
 
 

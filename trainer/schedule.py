@@ -261,6 +261,9 @@ def describe(e: dict) -> str:
     h = e.get("human_agreement") or {}
     line = (f"judge win rate {e['win_rate']:.2f} [{e['win_rate_lo']:.2f}, {e['win_rate_hi']:.2f}] over {e['replies']} replies, "
             f"margin {e['margin']:+.3f}, KL to parent {e['kl_parent']:.2f}, to base {e['kl_base']:.2f}, degenerate {e['degenerate']}")
+    if isinstance(e.get("kl_optimised"), (int, float)):
+        start = "its SFT result" if e.get("optimised_from") == "sft" else "the parent" if e.get("optimised_from") else "none: SFT alone"
+        line += f", budgeted KL {e['kl_optimised']:.2f} (optimised from {start}), {e['kl_optimised_total']:.2f} over the lineage"
     if h.get("n"):
         line += f", human agreement {h['share']:.2f} [{h['lo']:.2f}, {h['hi']:.2f}] on {h['n']} pairs"
     return line

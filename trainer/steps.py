@@ -224,7 +224,8 @@ def _run_ppo(model_args, data_args, reward_args, ppo_args, progress, reward_fn, 
         snapshot = _snapshot(data_args)
     prompts, prompt_counts = _prompts(snapshot, ppo_args, prompts)
     parent, parent_dir, parent_manifest = parent_of(ppo_args.adapters_dir)
-    start_dir = start_dir if start_dir is not None else parent_dir
+    from_sft = start_dir is not None
+    start_dir = start_dir if from_sft else parent_dir
     model, tokenizer = ppo.build_trainable_policy(model_args, start_dir)
     try:
         cfg = ppo.config_from(ppo_args)
@@ -236,6 +237,9 @@ def _run_ppo(model_args, data_args, reward_args, ppo_args, progress, reward_fn, 
                                          prompt_max_tokens=ppo_args.prompt_max_tokens, progress=progress, log=log.info, state=state,
                                          ref_adapter=ppo.REFERENCE_ADAPTER if start_dir is not None else None)
         tensors, state_json = ppo.save_state(state)
+        files = {ppo.STATE_FILE: tensors}
+        if from_sft:  # the reference PPO was held to; the gate budgets this run's KL against it
+            files[adapters.REFERENCE_FILE] = reference_weights(start_dir)
         manifest = {
             "kind": "ppo",
             "policy_step": "ppo",
@@ -249,16 +253,33 @@ def _run_ppo(model_args, data_args, reward_args, ppo_args, progress, reward_fn, 
             "stop_reason": stop,
             "metrics": history,
             "reward_functions": rewards.describe(reward_functions or []),
+            "optimised_from": "sft" if from_sft else "parent",
             ppo.STATE_KEY: {**state_json, "resumed_from_parent": resumed, "kl_coef_start": kl_coef_start},
             "seconds": time.perf_counter() - started,
             **(extra or {}),
         }
         version = None  # launched data-parallel, rank 0 publishes, once; the others return None
         if distributed.is_main():
-            version = adapters.publish(ppo_args.adapters_dir, model, ppo.POLICY_ADAPTER, manifest, tensors={ppo.STATE_FILE: tensors})
+            version = adapters.publish(ppo_args.adapters_dir, model, ppo.POLICY_ADAPTER, manifest, tensors=files)
     finally:  # the shared base keeps serving the cycle's other models
         shared.release(model, ppo.POLICY_ADAPTER, ppo.REFERENCE_ADAPTER)
     return version, manifest
+
+
+def reference_weights(adapter_dir) -> dict:
+    """The LoRA weights of a saved adapter directory, by the names peft saved them under."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+def _stage_weights(model) -> dict:
+    """The trainable adapter's weights as `reference_weights` reads them back."""
+    from trainer import policy
+
+    with tempfile.TemporaryDirectory(prefix="stage-") as d:
+        model.save_pretrained(d, selected_adapters=[policy.ADAPTER])
+        return {k: v.clone() for k, v in reference_weights(d).items()}
 
 
 def run_policy(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardArgs, ppo_args: PPOArgs, policy_args: PolicyArgs,
@@ -311,6 +332,9 @@ def run_policy(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
                                         reward_version=reward_version, prompts=prompts, snapshot=snapshot, reward_functions=funcs,
                                         start_dir=start, extra={**info, "sft": stages["sft"]})
         return version, manifest
+    files = {}
+    if step != "sft" and "sft" in stages:  # the optimising step starts from the SFT result: the gate budgets its KL from there
+        files[adapters.REFERENCE_FILE] = _stage_weights(model)
     if step in ("grpo", "rloo"):
         prompts, prompt_counts = _prompts(snapshot, ppo_args, prompts)
         info["prompts"] = prompt_counts
@@ -328,9 +352,10 @@ def run_policy(model_args: ModelArgs, data_args: DataArgs, reward_args: RewardAr
         "rows": {name: s["rows"] for name, s in stages.items()},
         "metrics": {name: s["history"] for name, s in stages.items()},
         "reward_functions": rewards.describe(funcs),
+        "optimised_from": None if step == "sft" else "sft" if files else "parent",  # None: imitation only
         "seconds": time.perf_counter() - started,
         **info,
     }
-    version = adapters.publish(ppo_args.adapters_dir, model, policy.ADAPTER, manifest)
+    version = adapters.publish(ppo_args.adapters_dir, model, policy.ADAPTER, manifest, tensors=files)
     log.info("%s candidate %s from %s (%s)", step, version, parent, ", ".join(f"{k}: {v} rows" for k, v in manifest["rows"].items()))
     return version, manifest
