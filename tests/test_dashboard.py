@@ -200,7 +200,8 @@ def lineage(tmp_path, trained_peft):
                                                       "kind": "ppo", "policy_step": "ppo", "sft": {"rows": 7}})
     v3 = publish(d, trained_peft(seed=3), "default", {"parent": v2, "reward_model": "r000003", "metrics": metrics})
     promote(d, v1)
-    promote(d, v2, evaluation={"margin": 0.25, "kl_parent": 1.5, "kl_base": 2.25, "degenerate": 0, "replies": 64, "win_rate": 0.7,
+    promote(d, v2, evaluation={"margin": 0.25, "kl_parent": 1.5, "kl_base": 2.25, "kl_optimised": 0.75, "kl_optimised_total": 1.0,
+                               "optimised_from": "sft", "degenerate": 0, "replies": 64, "win_rate": 0.7,
                                "win_rate_lo": 0.58, "win_rate_hi": 0.8, "human_agreement": {"share": 0.6, "lo": 0.45, "hi": 0.73, "n": 40}})
     reject(d, v3, ["judge win rate 0.50 (95% CI 0.38-0.62) over 64 held-out replies: the lower bound is not above 0.50"],
            evaluation={"margin": -0.1, "kl_parent": 0.5, "kl_base": 2.5, "degenerate": 0})
@@ -219,12 +220,15 @@ def test_versions_table_from_published_manifests(lineage):
     dpo = {"kind": "dpo", "policy_step": "dpo", "rows": {"sft": 7, "dpo": 31}}
     assert (dashboard._step(dpo), dashboard._step({"policy_step": "sft", "rows": {"sft": 9}})) == ("sft + dpo", "sft")
     assert rows["serving"].to_dict() == {"v000001": "", "v000002": "serving", "v000003": ""}
-    assert rows.loc["v000002", ["judge win rate", "human agreement", "KL to parent", "KL to base", "margin"]].tolist() == [
-        "0.70 [0.58, 0.80] n=64", "0.60 [0.45, 0.73] n=40", "1.50", "2.25", "+0.250"]
+    assert rows.loc["v000002", ["judge win rate", "human agreement", "KL to parent", "KL to base", "budgeted KL", "margin"]].tolist() == [
+        "0.70 [0.58, 0.80] n=64", "0.60 [0.45, 0.73] n=40", "1.50", "2.25", "0.75 / 1.00", "+0.250"]
+    assert rows.loc["v000003", "budgeted KL"] == ""  # gated before the lineage was counted
     assert rows.loc["v000003", "reasons"].startswith("judge win rate 0.50")
     kl = dashboard.kl_by_version(adapters.manifests(lineage))
     assert kl.to_dict("records") == [{"version": "v000002", "series": "to the parent (this cycle)", "kl": 1.5},
                                      {"version": "v000002", "series": "to the base (in total)", "kl": 2.25},
+                                     {"version": "v000002", "series": "budgeted: this cycle's optimisation", "kl": 0.75},
+                                     {"version": "v000002", "series": "budgeted: optimisation over the lineage", "kl": 1.0},
                                      {"version": "v000003", "series": "to the parent (this cycle)", "kl": 0.5},
                                      {"version": "v000003", "series": "to the base (in total)", "kl": 2.5}]
     assert rows.loc["v000001", "created"].endswith("Z")

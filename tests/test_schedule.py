@@ -623,3 +623,12 @@ def test_the_cycles_step_label_says_after_sft_only_when_sft_ran_before_another_s
     assert schedule.step_label("sft", {"rows": {"sft": 9}, "sft_first": True}) == "sft"
     assert schedule.step_label("kto", {"rows": {"kto": 30}, "sft_first": True, "sft_skipped": "2 demonstrations"}) == "kto"
     assert schedule.step_label("ppo", {"sft_first": False}) == "ppo"
+
+
+def test_a_cycles_summary_line_names_the_kl_the_gate_budgeted():
+    e = {"win_rate": 0.8, "win_rate_lo": 0.68, "win_rate_hi": 0.88, "replies": 64, "margin": 0.1, "kl_parent": 64.2, "kl_base": 64.2,
+         "degenerate": 0}
+    assert "budgeted" not in schedule.describe(e)  # an evaluation from before the lineage was counted
+    line = schedule.describe({**e, "kl_optimised": 0.0, "kl_optimised_total": 0.0, "optimised_from": "sft"})
+    assert "KL to parent 64.20, to base 64.20" in line and "budgeted KL 0.00 (optimised from its SFT result), 0.00 over the lineage" in line
+    assert "(optimised from none: SFT alone)" in schedule.describe({**e, "kl_optimised": 0.0, "kl_optimised_total": 3.0, "optimised_from": None})
