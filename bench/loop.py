@@ -98,7 +98,9 @@ cycle, the promotions, and the regressions (promotions whose win rate against th
 previous adapter has a 95% interval wholly below 0.5). The policy step's metrics
 (candidate manifest: PPO's per iteration, the TRL steps' per optimiser step, rows
 used) go to the JSON, with one line each on the console. Prints
-Markdown tables and writes bench/results/loop-PREFERENCE.json.
+Markdown tables and writes bench/results/loop-PREFERENCE.json (or --out). The file is
+also written after the baseline and after every cycle, marked "partial", so a run cut
+short keeps what it measured; the last write, without that mark, is the whole run.
 """
 
 from __future__ import annotations
@@ -971,6 +973,7 @@ def main() -> None:
                                   "texts": [b["text"] for b in base]}
             served = {"version": "base", "measured_in_cycle": 0, "texts": [b["text"] for b in base],
                       "mean_words": base_stats.get("mean_words"), "ended": base_stats.get("ended"), "vs_base": None}
+            write_results(out, {**result, "phases_s": phases, "partial": "written after the baseline"})
 
             for k in range(1, args.cycles + 1):
                 c: dict = {"cycle": k, "labels": labels}
@@ -1056,6 +1059,7 @@ def main() -> None:
                     print(f"  {promoted} vs base: {ci(vs_base, 'win_rate')} over {vs_base['pairs']} pairs; vs {c['vs_previous']['previous']}: "
                           f"{ci(vs_prev, 'win_rate')}; words {fmt(served['mean_words'], '.1f')}, ended {fmt(served['ended'], '.2f')}", flush=True)
                 c["served"] = {key: v for key, v in served.items() if key != "texts"}
+                write_results(out, {**result, "phases_s": phases, "partial": f"written after cycle {k} of {args.cycles}"})
                 if rc == 2:
                     print("  the trainer refused its flags (exit code 2); stopping", flush=True)
                     break
