@@ -223,6 +223,10 @@ def _walk_through(page, url: str) -> None:
         except Exception as exc:  # playwright's TimeoutError; the import is optional at module level
             if attempt == 4 or "Timeout" not in type(exc).__name__:
                 raise
+    # the range shows 0 before the component's value may have caught up (the server then still
+    # gets 0.7); an input event on the range itself, as a drag sends, makes the value 0
+    page.evaluate(SLIDER_INPUT_JS, "range slider for Temperature (0 = greedy)")
+    page.wait_for_function(slider_is_zero, timeout=20_000)
 
     # -- ask; the reply streams into the chatbot
     page.evaluate(WATCH_JS)
@@ -290,6 +294,14 @@ def _walk_through(page, url: str) -> None:
     assert page.evaluate("typeof window.__pwned") == "undefined", "a script in a message ran"
     assert page.locator("#chatbot img[src='x']").count() == 0, "an <img> from a message was rendered"
     assert page.locator("#chatbot b", has_text="bold?").count() == 0, "a <b> from a message was rendered"
+
+
+SLIDER_INPUT_JS = """(label) => {
+    const r = document.querySelector(`input[aria-label="${label}"]`);
+    r.value = '0';
+    r.dispatchEvent(new Event('input', {bubbles: true}));
+    r.dispatchEvent(new Event('change', {bubbles: true}));
+}"""
 
 
 def _check_database(db_path: Path) -> None:
